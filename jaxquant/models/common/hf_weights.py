@@ -1,0 +1,108 @@
+"""HF tensor names -> jaxquant's stacked Flax parameter tree, with shape checks.
+
+A *source* is anything with ``get(name) -> np.ndarray`` (HF ``[out, in]`` layout), ``shape(name)``
+and ``__contains__``: :class:`SafetensorsDir` and :class:`GGUFSource` both are. Block tensors are
+read one block at a time (:func:`block_params_from_source`), which is what lets the calibration
+driver stream a model that does not fit in memory.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.models.common.config import DecoderConfig
+
+_LINEARS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _linear_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
+    """Expected HF ``[out, in]`` shape of every linear of a block."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    return {
+        "q_proj": (cfg.num_heads * hd, d),
+        "k_proj": (cfg.num_kv_heads * hd, d),
+        "v_proj": (cfg.num_kv_heads * hd, d),
+        "o_proj": (d, cfg.num_heads * hd),
+        "gate_proj": (cfg.intermediate_size, d),
+        "up_proj": (cfg.intermediate_size, d),
+        "down_proj": (d, cfg.intermediate_size),
+    }
+
+
+def _read(src, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    if name not in src:
+        raise ValueError(f"{_where(src)}: checkpoint is missing tensor {name!r}")
+    got = tuple(src.shape(name))
+    if got != tuple(shape):
+        raise ValueError(
+            f"{_where(src)}: tensor {name!r} has shape {got}, but the config implies {tuple(shape)}"
+        )
+    a = np.asarray(src.get(name)).astype(dtype)
+    if not np.isfinite(a.astype(np.float32)).all():
+        raise ValueError(f"{_where(src)}: tensor {name!r} holds NaN/Inf values")
+    return a
+
+
+def _where(src) -> str:
+    return getattr(src, "path", None) or getattr(src, "directory", "checkpoint")
+
+
+def block_params_from_source(cfg: DecoderConfig, src, i: int, dtype=np.float32) -> dict:
+    """Parameters of block ``i`` (unstacked), kernels transposed to ``[in, out]``."""
+    p = f"model.layers.{i}."
+    shapes = _linear_shapes(cfg)
+    d = cfg.hidden_size
+    block: dict = {"self_attn": {}, "mlp": {}}
+    for group, names in _LINEARS.items():
+        for n in names:
+            w = _read(src, f"{p}{group}.{n}.weight", shapes[n], dtype)
+            block[group][n] = {"kernel": np.ascontiguousarray(w.T)}
+            bias_name = f"{p}{group}.{n}.bias"
+            wants_bias = cfg.attention_bias and n in ("q_proj", "k_proj", "v_proj")
+            if wants_bias:
+                block[group][n]["bias"] = _read(src, bias_name, (shapes[n][0],), dtype)
+            elif bias_name in src:
+                raise ValueError(
+                    f"{_where(src)}: unexpected tensor {bias_name!r}: the config has no bias there"
+                )
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        block[norm] = {"scale": _read(src, f"{p}{norm}.weight", (d,), dtype)}
+        if f"{p}{norm}.bias" in src or cfg.norm_bias:
+            block[norm]["bias"] = _read(src, f"{p}{norm}.bias", (d,), dtype)
+    if cfg.qk_norm:
+        for n in ("q_norm", "k_norm"):
+            block["self_attn"][n] = {
+                "scale": _read(src, f"{p}self_attn.{n}.weight", (cfg.head_dim,), dtype)
+            }
+    return block
+
+
+def stack_blocks(blocks: list[dict]) -> dict:
+    """List of per-block trees -> one tree with a leading ``[L]`` axis on every leaf."""
+    import jax
+
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *blocks)
+
+
+def params_from_source(cfg: DecoderConfig, src, dtype=np.float32) -> dict:
+    """The full stacked parameter tree of a decoder (see :mod:`jaxquant.models.common.decoder`)."""
+    v, d = cfg.vocab_size, cfg.hidden_size
+    params = {
+        "embed_tokens": {"embedding": jnp.asarray(_read(src, "model.embed_tokens.weight", (v, d),
+                                                        dtype))},
+        "layers": stack_blocks(
+            [block_params_from_source(cfg, src, i, dtype) for i in range(cfg.num_layers)]
+        ),
+        "norm": {"scale": jnp.asarray(_read(src, "model.norm.weight", (d,), dtype))},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": jnp.asarray(_read(src, "lm_head.weight", (v, d), dtype).T)}
+    if f"model.layers.{cfg.num_layers}.input_layernorm.weight" in src:
+        raise ValueError(
+            f"{_where(src)}: checkpoint has more blocks than num_hidden_layers={cfg.num_layers}"
+        )
+    return params

@@ -1,0 +1,141 @@
+"""A torch-free, memory-mapped safetensors reader with validating errors.
+
+The format: 8 bytes little-endian header length ``n``, ``n`` bytes of JSON header
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), then the raw
+little-endian tensor bytes. We parse the header ourselves so that bfloat16 and float8 (through
+``ml_dtypes``) work with plain numpy, tensors are memory-mapped (read only when touched), and every
+inconsistency raises a ValueError that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: ``keys()``, ``shape(name)``, ``get(name)`` (a read-only memmap)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"safetensors file not found: {self.path}")
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError(f"{self.path}: corrupt safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError(
+                    f"{self.path}: corrupt safetensors header (claims {n} header bytes, file has "
+                    f"{size - 8})"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._base = 8 + n
+        data_len = size - self._base
+        self._info = {}
+        for name, info in header.items():
+            try:
+                dtype = np.dtype(_DTYPES[info["dtype"]])
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} has a malformed header entry {info!r}"
+                ) from None
+            if end > data_len or begin > end:
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} lies beyond the end of the file (bytes "
+                    f"{begin}..{end} of {data_len}); the file is truncated or corrupt"
+                )
+            if (end - begin) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} has {end - begin} bytes, but shape {shape} "
+                    f"of {info['dtype']} needs {int(np.prod(shape)) * dtype.itemsize}"
+                )
+            self._info[name] = (dtype, shape, begin)
+        self._mm = None
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][1]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only memory-mapped numpy array."""
+        if name not in self._info:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        dtype, shape, begin = self._info[name]
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        count = int(np.prod(shape, dtype=np.int64))
+        start = self._base + begin
+        return self._mm[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+class SafetensorsDir:
+    """All safetensors of an HF directory: single file, or sharded with ``*.index.json``."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+        index = os.path.join(self.directory, "model.safetensors.index.json")
+        single = os.path.join(self.directory, "model.safetensors")
+        self._where: dict[str, SafetensorsFile] = {}
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError):
+                    raise ValueError(f"{index}: corrupt index (expected a 'weight_map')") from None
+            files: dict[str, SafetensorsFile] = {}
+            for name, fname in weight_map.items():
+                if fname not in files:
+                    files[fname] = SafetensorsFile(os.path.join(self.directory, fname))
+                if name not in files[fname]:
+                    raise ValueError(f"{index}: tensor {name!r} is not in shard {fname}")
+                self._where[name] = files[fname]
+        elif os.path.isfile(single):
+            st = SafetensorsFile(single)
+            self._where = dict.fromkeys(st.keys(), st)
+        else:
+            raise FileNotFoundError(
+                f"{self.directory}: no model.safetensors or model.safetensors.index.json "
+                "(pickled .bin checkpoints are not loaded)"
+            )
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(f"{self.directory}: checkpoint has no tensor {name!r}")
+        return self._where[name].get(name)

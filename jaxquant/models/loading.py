@@ -1,0 +1,116 @@
+"""`load(path)`: an HF safetensors directory or a GGUF file -> config + Flax params (+ tokenizer).
+
+Architectures dispatch on HF ``model_type`` to the family's ``convert.config_from_hf``; anything
+else is refused with the list of supported types. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.models.common.config import DecoderConfig
+from jaxquant.models.common.gguf_io import GGUFSource
+from jaxquant.models.common.hf_config import UnsupportedConfigError
+from jaxquant.models.common.hf_weights import params_from_source
+from jaxquant.models.common.safetensors_io import SafetensorsDir
+from jaxquant.models.llama import convert as llama_convert
+from jaxquant.models.qwen import convert as qwen_convert
+
+_FAMILIES = {t: llama_convert for t in llama_convert.MODEL_TYPES} | {
+    t: qwen_convert for t in qwen_convert.MODEL_TYPES
+}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILIES))
+
+
+def config_from_hf(cfg: dict, *, source: str = "config.json") -> DecoderConfig:
+    """Dispatch an HF config dict to its family converter."""
+    model_type = cfg.get("model_type")
+    if model_type not in _FAMILIES:
+        raise UnsupportedConfigError(
+            f"{source}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    try:
+        return _FAMILIES[model_type].config_from_hf(cfg)
+    except UnsupportedConfigError as e:
+        raise UnsupportedConfigError(f"{source}: {e}") from None
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded checkpoint: ``config``, stacked ``params``, and the path it came from."""
+
+    config: DecoderConfig
+    params: Any
+    path: str
+    source: Any = dataclasses.field(repr=False, default=None)
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (GGUF: embedded; HF dir: its tokenizer files)."""
+        if isinstance(self.source, GGUFSource):
+            return self.source.tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+
+def open_source(path: str | os.PathLike):
+    """``(source, hf_config_dict)`` for an HF directory or a ``.gguf`` file, without reading weights."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no config.json (expected an HF model directory)")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        return SafetensorsDir(path), cfg
+    if path.endswith(".gguf") or (os.path.isfile(path) and _is_gguf(path)):
+        src = GGUFSource(path)
+        return src, src.config_dict()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path not found: {path}")
+    raise ValueError(f"{path}: expected an HF model directory or a .gguf file")
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
+    """Load an HF safetensors directory or a GGUF file as a jaxquant model.
+
+    Returns:
+      :class:`LoadedModel` with ``config`` (:class:`DecoderConfig`) and the stacked ``params``.
+    """
+    src, cfg_dict = open_source(path)
+    where = os.path.join(os.fspath(path), "config.json") if os.path.isdir(path) else os.fspath(path)
+    cfg = config_from_hf(cfg_dict, source=where)
+    params = params_from_source(cfg, src, np.dtype(jnp.dtype(dtype)))
+    return LoadedModel(cfg, params, os.fspath(path), src)
+
+
+def from_pretrained(repo_id: str, *, revision: str | None = None, **kw) -> LoadedModel:
+    """Download (safetensors + config + tokenizer files only) from the HF hub and :func:`load`."""
+    from huggingface_hub import snapshot_download
+
+    d = snapshot_download(
+        repo_id, revision=revision,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+    )
+    return load(d, **kw)
