@@ -1,0 +1,13 @@
+"""Round-to-nearest (RTN): the plain uniform affine quantizer, no calibration data."""
+
+from __future__ import annotations
+
+import jax
+
+from jaxquant.core.qarray import QArray, quantize
+from jaxquant.core.spec import QuantSpec
+
+
+def rtn(w: jax.Array, spec: QuantSpec) -> QArray:
+    """Quantize ``w`` (``[..., K, N]``, Flax layout) by rounding to the nearest code."""
+    return quantize(w, spec)

@@ -1,0 +1,19 @@
+"""Calibration and evaluation data (WikiText-2 by the protocol in docs/protocol.md)."""
+
+from jaxquant.data.wikitext import (
+    calib_windows,
+    data_dir,
+    eval_windows,
+    wikitext2_text,
+    wikitext2_tokens,
+    windows_from_tokens,
+)
+
+__all__ = [
+    "calib_windows",
+    "data_dir",
+    "eval_windows",
+    "wikitext2_text",
+    "wikitext2_tokens",
+    "windows_from_tokens",
+]

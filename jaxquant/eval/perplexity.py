@@ -1,0 +1,117 @@
+"""Perplexity and KL divergence over token windows, jitted and batched.
+
+Protocol (docs/protocol.md): each window ``[T]`` predicts its positions ``1..T-1`` from its own
+prefix; ``PPL = exp(mean NLL)`` over all predicted positions of all windows, in float32.
+
+Both functions take a ``logits_fn(tokens [B, T]) -> logits [B, T, V]``, so an fp model, a
+quantized model or any other callable are evaluated the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxquant.models.common.decoder import forward
+
+log = logging.getLogger(__name__)
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def model_logits_fn(cfg, params, **forward_kw) -> LogitsFn:
+    """A logits function of a decoder (params closed over as jit arguments, not constants)."""
+    fwd = jax.jit(lambda p, t: forward(cfg, p, t, **forward_kw)[0])
+    return lambda tokens: fwd(params, tokens)
+
+
+def nll_sum_and_count(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of next-token NLL over positions ``1..T-1`` of each window, and how many there were.
+
+    ``logits`` ``[B, T, V]``, ``tokens`` ``[B, T]``.
+    """
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    tgt = tokens[:, 1:]
+    nll = -jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+
+
+def _batches(windows: np.ndarray, batch_size: int):
+    for i in range(0, len(windows), batch_size):
+        yield windows[i : i + batch_size]
+
+
+def _check_windows(windows: np.ndarray, vocab_size: int | None) -> np.ndarray:
+    w = np.asarray(windows)
+    if w.ndim != 2 or w.shape[1] < 2:
+        raise ValueError(f"windows must be [n, seqlen >= 2] token ids, got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.integer):
+        raise ValueError(f"windows must be integer token ids, got dtype {w.dtype}")
+    if vocab_size is not None and (w.min() < 0 or w.max() >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); got range [{w.min()}, {w.max()}]"
+        )
+    return w.astype(np.int32)
+
+
+def perplexity(
+    logits_fn: LogitsFn,
+    windows: np.ndarray,
+    *,
+    batch_size: int = 4,
+    vocab_size: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of ``logits_fn`` over ``windows`` ``[n, T]``.
+
+    Returns:
+      ``{"ppl", "nll", "tokens" (predicted positions), "seconds"}``.
+    """
+    w = _check_windows(windows, vocab_size)
+    score = jax.jit(lambda lg, t: nll_sum_and_count(lg, t))
+    total, count = 0.0, 0.0
+    t0 = time.perf_counter()
+    for batch in tqdm(list(_batches(w, batch_size)), desc="ppl", unit="batch", disable=not progress):
+        s, c = score(logits_fn(jnp.asarray(batch)), jnp.asarray(batch))
+        total += float(s)
+        count += float(c)
+    nll = total / count
+    return {"ppl": float(np.exp(nll)), "nll": nll, "tokens": int(count),
+            "seconds": time.perf_counter() - t0}
+
+
+def kl_divergence(
+    ref_logits_fn: LogitsFn,
+    logits_fn: LogitsFn,
+    windows: np.ndarray,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Mean over predicted positions of ``KL(p_ref || p)`` of the next-token distributions.
+
+    Returns:
+      ``{"kl" (nats/token), "tokens", "seconds"}``.
+    """
+    w = _check_windows(windows, None)
+
+    @jax.jit
+    def kl_sum(ref, lg):
+        lp_ref = jax.nn.log_softmax(ref[:, :-1].astype(jnp.float32), axis=-1)
+        lp = jax.nn.log_softmax(lg[:, :-1].astype(jnp.float32), axis=-1)
+        kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp), axis=-1)
+        return jnp.sum(kl), jnp.asarray(kl.size, jnp.float32)
+
+    total, count = 0.0, 0.0
+    t0 = time.perf_counter()
+    for batch in tqdm(list(_batches(w, batch_size)), desc="kl", unit="batch", disable=not progress):
+        tb = jnp.asarray(batch)
+        s, c = kl_sum(ref_logits_fn(tb), logits_fn(tb))
+        total += float(s)
+        count += float(c)
+    return {"kl": total / count, "tokens": int(count), "seconds": time.perf_counter() - t0}
