@@ -9,9 +9,12 @@ quantized model or any other callable are evaluated the same way.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +27,45 @@ log = logging.getLogger(__name__)
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
-def model_logits_fn(cfg, params, **forward_kw) -> LogitsFn:
-    """A logits function of a decoder (params closed over as jit arguments, not constants)."""
-    fwd = jax.jit(lambda p, t: forward(cfg, p, t, **forward_kw)[0])
-    return lambda tokens: fwd(params, tokens)
+@dataclasses.dataclass(frozen=True)
+class ModelFn:
+    """A logits function ``apply(params, tokens)`` with its ``params``.
+
+    Calling it gives logits; :func:`perplexity` and :func:`kl_divergence` also fuse their scoring
+    into the same jitted program (no ``[B, T, V]`` logits leave the device), with ``params``
+    passed as arguments rather than baked in as constants.
+    """
+
+    apply: Callable
+    params: Any
+
+    def __call__(self, tokens):
+        return _jit_apply(self.apply)(self.params, tokens)
+
+
+@functools.cache
+def _jit_apply(apply):
+    return jax.jit(apply)
+
+
+def model_logits_fn(cfg, params, **forward_kw) -> ModelFn:
+    """The logits function of a decoder with ``params`` (dense or quantized)."""
+    return ModelFn(_forward_logits(cfg, tuple(sorted(forward_kw.items()))), params)
+
+
+@functools.cache
+def _forward_logits(cfg, forward_kw: tuple):
+    kw = dict(forward_kw)
+    return lambda p, t: forward(cfg, p, t, **kw)[0]
+
+
+def _fused(fn, score: Callable):
+    """A jitted ``tokens -> score(logits, tokens)`` (params as arguments for a ModelFn)."""
+    if isinstance(fn, ModelFn):
+        jitted = jax.jit(lambda p, t: score(fn.apply(p, t), t))
+        return lambda t: jitted(fn.params, t)
+    jitted = jax.jit(score)
+    return lambda t: jitted(fn(t), t)
 
 
 def nll_sum_and_count(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -73,11 +111,11 @@ def perplexity(
       ``{"ppl", "nll", "tokens" (predicted positions), "seconds"}``.
     """
     w = _check_windows(windows, vocab_size)
-    score = jax.jit(lambda lg, t: nll_sum_and_count(lg, t))
+    score = _fused(logits_fn, nll_sum_and_count)
     total, count = 0.0, 0.0
     t0 = time.perf_counter()
     for batch in tqdm(list(_batches(w, batch_size)), desc="ppl", unit="batch", disable=not progress):
-        s, c = score(logits_fn(jnp.asarray(batch)), jnp.asarray(batch))
+        s, c = score(jnp.asarray(batch))
         total += float(s)
         count += float(c)
     nll = total / count
@@ -100,18 +138,23 @@ def kl_divergence(
     """
     w = _check_windows(windows, None)
 
-    @jax.jit
     def kl_sum(ref, lg):
         lp_ref = jax.nn.log_softmax(ref[:, :-1].astype(jnp.float32), axis=-1)
         lp = jax.nn.log_softmax(lg[:, :-1].astype(jnp.float32), axis=-1)
         kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp), axis=-1)
         return jnp.sum(kl), jnp.asarray(kl.size, jnp.float32)
 
+    if isinstance(ref_logits_fn, ModelFn) and isinstance(logits_fn, ModelFn):
+        both = jax.jit(lambda pr, p, t: kl_sum(ref_logits_fn.apply(pr, t), logits_fn.apply(p, t)))
+        fused = lambda t: both(ref_logits_fn.params, logits_fn.params, t)  # noqa: E731
+    else:
+        jk = jax.jit(kl_sum)
+        fused = lambda t: jk(ref_logits_fn(t), logits_fn(t))  # noqa: E731
     total, count = 0.0, 0.0
     t0 = time.perf_counter()
     for batch in tqdm(list(_batches(w, batch_size)), desc="kl", unit="batch", disable=not progress):
         tb = jnp.asarray(batch)
-        s, c = kl_sum(ref_logits_fn(tb), logits_fn(tb))
+        s, c = fused(tb)
         total += float(s)
         count += float(c)
     return {"kl": total / count, "tokens": int(count), "seconds": time.perf_counter() - t0}

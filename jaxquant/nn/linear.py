@@ -28,7 +28,7 @@ def linear(
     bias: jax.Array | None = None,
     *,
     act_bits: int | None = None,
-    precision: Any = jax.lax.Precision.HIGHEST,
+    precision: Any = None,
 ) -> jax.Array:
     """``x`` ``[..., K]`` times ``kernel`` ``[K, N]`` (dense or QArray) plus ``bias`` ``[N]``."""
     if act_bits is not None:

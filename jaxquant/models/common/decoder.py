@@ -86,8 +86,7 @@ def head(cfg: DecoderConfig, params, x: jax.Array) -> jax.Array:
     h = RMSNorm(cfg.rms_norm_eps, name="norm").apply({"params": params["norm"]}, x)
     if cfg.tie_word_embeddings:
         w = params["embed_tokens"]["embedding"]
-        return jnp.einsum("btd,vd->btv", h.astype(jnp.float32), w.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("btd,vd->btv", h.astype(jnp.float32), w.astype(jnp.float32))
     return Linear(cfg.vocab_size).apply({"params": params["lm_head"]}, h.astype(jnp.float32))
 
 

