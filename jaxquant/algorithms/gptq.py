@@ -1,0 +1,207 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers"), on ONE weight matrix and its Hessian.
+
+Notation follows the paper, in its ``W [d_row, d_col]`` layout (rows = output channels, columns =
+input channels): the weight is transposed from jaxquant's Flax ``[K, N]`` on entry and back on exit.
+
+* ``H = 2 X Xᵀ`` (``[K, K]``, accumulated in float32 by the caller; the factor 2 cancels).
+* Dead inputs (``H_jj = 0``): ``H_jj := 1`` and ``W[:, j] := 0``.
+* Dampening: ``H += λ I`` with ``λ = damp · mean(diag H)``. If the Cholesky factorisation still
+  fails (``H`` not positive definite in float32), ``λ`` is multiplied by 10 and retried, up to
+  ``max_damp_tries`` times; the damp used is reported.
+* ``Hinv = chol(H⁻¹)ᵀ`` (upper Cholesky factor of the inverse).
+* Columns are quantized left to right; the error of column ``j`` is spread over the columns not
+  yet quantized, ``W[:, j:] -= (w_j - q_j)/Hinv_jj · Hinv[j, j:]``, lazily in blocks of
+  ``blocksize`` columns (the *blocksize* is only a batching of updates: the result is the same up to
+  rounding).
+* Groups: with ``group_size`` g, a group's scale and zero are fitted when its first column is reached,
+  on the error-updated weights (the reference behaviour). ``static_groups=True`` fits all groups on
+  the original weights first. ``act_order=True`` quantizes columns in order of decreasing ``H_jj``
+  and then always uses static groups, so every group still covers g *consecutive* input channels
+  and the packed layout needs no ``g_idx``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.core.qarray import QArray, compute_scale_zero, from_codes
+from jaxquant.core.spec import QuantSpec
+
+
+def _effective_blocksize(k: int, blocksize: int, spec: QuantSpec) -> int:
+    if spec.per_tensor or spec.group_size == -1:
+        return min(blocksize, k)
+    gs = spec.group_size
+    return gs * max(1, blocksize // gs)
+
+
+def _hinv(H: jax.Array, damp: float, max_tries: int) -> tuple[jax.Array, jax.Array]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹``, raising ``λ`` tenfold until it exists."""
+    k = H.shape[0]
+    eye = jnp.eye(k, dtype=jnp.float32)
+    lam0 = damp * jnp.mean(jnp.diag(H))
+
+    def attempt(lam):
+        L = jnp.linalg.cholesky(H + lam * eye)
+        Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+        Hi = Linv.T @ Linv  # (H + λI)⁻¹
+        U = jnp.linalg.cholesky(Hi).T
+        return U, jnp.all(jnp.isfinite(U))
+
+    def cond(state):
+        _, ok, tries, _ = state
+        return jnp.logical_and(~ok, tries < max_tries)
+
+    def body(state):
+        _, _, tries, lam = state
+        lam = lam * 10.0
+        U, ok = attempt(lam)
+        return U, ok, tries + 1, lam
+
+    U, ok = attempt(lam0)
+    U, ok, _, lam = jax.lax.while_loop(cond, body, (U, ok, jnp.asarray(0), lam0))
+    return U, lam
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("spec", "blocksize", "damp", "act_order", "static_groups", "max_damp_tries"),
+)
+def _gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp_tries):
+    """``W`` ``[N, K]`` (paper layout), ``H`` ``[K, K]``. Returns codes ``[N, K]``, ``S``/``Z``
+    ``[G, N]``, and diagnostics."""
+    n, k = W.shape
+    W = W.astype(jnp.float32)
+    H = H.astype(jnp.float32)
+    dead = jnp.diag(H) == 0
+    H = H + jnp.diag(dead.astype(jnp.float32))
+    W = jnp.where(dead[None, :], 0.0, W)
+
+    grouped = not (spec.per_tensor or spec.group_size == -1)
+    gs = spec.group_size if grouped else k
+    n_groups = k // gs if grouped else 1
+    static = static_groups or act_order or not grouped
+
+    # static group parameters from the (dead-zeroed) original weights, [G, N]
+    S_static, Z_static = compute_scale_zero(W.T, spec)
+    if spec.per_tensor:
+        S_static = jnp.broadcast_to(S_static, (1, n))
+        Z_static = jnp.broadcast_to(Z_static, (1, n))
+
+    if act_order:
+        perm = jnp.argsort(-jnp.diag(H))
+    else:
+        perm = jnp.arange(k)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    Hinv, lam = _hinv(H, damp, max_damp_tries)
+
+    B = _effective_blocksize(k, blocksize, spec)
+    kp = math.ceil(k / B) * B
+    if kp != k:  # pad with independent, already-zero columns (identity Hinv rows)
+        W = jnp.pad(W, ((0, 0), (0, kp - k)))
+        Hinv = jnp.pad(Hinv, ((0, kp - k), (0, kp - k))) + jnp.diag(
+            jnp.concatenate([jnp.zeros((k,), jnp.float32), jnp.ones((kp - k,), jnp.float32)])
+        )
+        perm_p = jnp.concatenate([perm, jnp.arange(k, kp)])
+    else:
+        perm_p = perm
+    maxq = float(spec.maxq)
+    sdt = spec.jnp_scale_dtype
+
+    def block(bi, state):
+        W, Q, S, Z = state
+        i1 = bi * B
+        W1 = jax.lax.dynamic_slice(W, (0, i1), (n, B))
+        Hinv1 = jax.lax.dynamic_slice(Hinv, (i1, i1), (B, B))
+
+        def column(i, cstate):
+            W1, Q1, Err1, S, Z, s_cur, z_cur = cstate
+            j = i1 + i  # position in the (permuted) order
+            if static:
+                g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
+                s, z = S[g], Z[g]
+            else:
+                def fit(_):
+                    blk = jax.lax.dynamic_slice(W1, (0, i), (n, gs))
+                    s_new, z_new = compute_scale_zero(blk.T, spec.replace(group_size=-1))
+                    return s_new[0], z_new[0]
+
+                s, z = jax.lax.cond(i % gs == 0, fit, lambda _: (s_cur, z_cur), None)
+                g = jnp.minimum(j // gs, n_groups - 1)
+                write = (i % gs == 0) & (j < k)
+                S = jnp.where(write, S.at[g].set(s.astype(sdt)), S)
+                Z = jnp.where(write, Z.at[g].set(z), Z)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            s32 = s.astype(jnp.float32)
+            q = jnp.clip(jnp.round(w / s32) + z, 0.0, maxq)
+            wq = s32 * (q - z)
+            err = (w - wq) / d
+            # Hinv1 is upper triangular: row i touches only columns >= i
+            W1 = W1 - err[:, None] * Hinv1[i][None, :]
+            Q1 = Q1.at[:, i].set(q)
+            Err1 = Err1.at[:, i].set(err)
+            return W1, Q1, Err1, S, Z, s, z
+
+        zeros = jnp.zeros((n, B), jnp.float32)
+        s0 = jnp.ones((n,), sdt)
+        z0 = jnp.zeros((n,), jnp.float32)
+        _, Q1, Err1, S, Z, _, _ = jax.lax.fori_loop(
+            0, B, column, (W1, zeros, zeros, S, Z, s0, z0)
+        )
+        Q = jax.lax.dynamic_update_slice(Q, Q1, (0, i1))
+        # lazy batch update of all later columns (rows i1..i1+B of Hinv are zero left of i1)
+        W = W - Err1 @ jax.lax.dynamic_slice(Hinv, (i1, 0), (B, kp))
+        return W, Q, S, Z
+
+    Q = jnp.zeros((n, kp), jnp.float32)
+    S0 = S_static.astype(sdt)
+    Z0 = Z_static
+    _, Q, S, Z = jax.lax.fori_loop(0, kp // B, block, (W, Q, S0, Z0))
+    Q = Q[:, :k]
+    invperm = jnp.argsort(perm)
+    Q = Q[:, invperm]
+    if spec.per_tensor:
+        S, Z = S[:1, :1], Z[:1, :1]
+    return Q, S, Z, {"damp": lam, "dead_inputs": jnp.sum(dead)}
+
+
+def gptq(
+    w: jax.Array,
+    H: jax.Array,
+    spec: QuantSpec,
+    *,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    max_damp_tries: int = 6,
+) -> tuple[QArray, dict]:
+    """GPTQ-quantize ``w`` (``[K, N]``, Flax layout) given ``H = Σ x xᵀ`` (``[K, K]``).
+
+    Returns:
+      ``(QArray, diagnostics)``; diagnostics hold the dampening ``λ`` actually used and the number
+      of dead input channels.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"gptq expects one weight matrix [K, N], got shape {tuple(w.shape)}")
+    k = w.shape[0]
+    if H.shape != (k, k):
+        raise ValueError(f"H must be [K, K] = [{k}, {k}] for w of shape {tuple(w.shape)}, "
+                         f"got {tuple(H.shape)}")
+    spec.check_weight_shape(w.shape)
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    if not 0 <= damp:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    Q, S, Z, diag = _gptq_core(
+        w.T, H, spec=spec, blocksize=blocksize, damp=damp, act_order=act_order,
+        static_groups=static_groups, max_damp_tries=max_damp_tries,
+    )
+    return from_codes(Q.T, S, Z, spec, dtype=w.dtype), diag
