@@ -18,6 +18,13 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", False)
+# share compiled programs between the xdist workers and between runs
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                 "jax_cache"),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def _has_backend(name: str) -> bool:

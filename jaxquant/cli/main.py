@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -81,10 +82,86 @@ def cmd_generate(args) -> dict:
             "new_tokens": len(new), "seconds": round(secs, 2)}
 
 
+def _calib_tokens(model_path: str, calib: str, n: int, seqlen: int, seed: int) -> np.ndarray:
+    from jaxquant import data as jdata
+    from jaxquant.models.common.gguf_io import GGUFSource
+    from jaxquant.models.loading import open_source
+
+    if calib.endswith(".npy"):
+        if not os.path.isfile(calib):
+            raise SystemExit(f"--calib: file not found: {calib}")
+        arr = np.load(calib, allow_pickle=False)
+        return arr if arr.ndim == 2 else jdata.windows_from_tokens(arr, n, seqlen)
+    if calib != "wikitext2":
+        raise SystemExit(f"--calib must be 'wikitext2' or a .npy file of token ids, got {calib!r}")
+    src, _ = open_source(model_path)
+    if isinstance(src, GGUFSource):
+        tok = src.tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+    return jdata.calib_windows(tok, n, seqlen, seed=seed)
+
+
+def cmd_quantize(args) -> dict:
+    import resource
+
+    from jaxquant.calibration import report
+    from jaxquant.calibration.checkpoint import save_quantized
+    from jaxquant.calibration.driver import calibrate, clear_progress
+    from jaxquant.models.assets import resolve_model_path
+    from jaxquant.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    c = recipe.calib
+    path = resolve_model_path(args.model)
+    tokens = _calib_tokens(path, args.calib, args.n_samples or c["n_samples"],
+                           args.seqlen or c["seqlen"], c["seed"])
+    res = calibrate(path, recipe, tokens, out_dir=args.out, resume=args.resume)
+    save_quantized(args.out, res.config, res.params, recipe=recipe.to_dict(), source=path)
+    try:
+        from jaxquant.models.loading import LoadedModel
+
+        tok = LoadedModel(res.config, None, path, _source_for_tokenizer(path)).tokenizer
+        tok.save_pretrained(args.out)
+    except Exception as e:  # a tokenizer is a convenience for eval/generate, not the product
+        logging.warning("could not save the tokenizer next to the model: %s", e)
+    report.write_csv(res.report, os.path.join(args.out, "layers.csv"))
+    report.plot(res.report, os.path.join(args.out, "layers.png"), title=f"{recipe.name}")
+    clear_progress(args.out)
+    print(report.format_table(res.report))
+    if res.unmatched:
+        print(f"  {len(res.unmatched)} linears matched no rule (kept fp)")
+    if res.unused_rules:
+        print(f"  rules matching nothing: {res.unused_rules}")
+    errs = [r.rel_error for r in res.report]
+    return {"model": os.path.basename(path), "recipe": recipe.name, "out": args.out,
+            "layers": len(res.report), "mean_rel_error": float(np.mean(errs)) if errs else 0.0,
+            "calib_seconds": round(res.seconds, 2), "resumed_from_block": res.resumed_from,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def _source_for_tokenizer(path: str):
+    from jaxquant.models.loading import open_source
+
+    return open_source(path)[0]
+
+
 def cmd_demo(args) -> dict:
     from jaxquant.demo import run_demo
 
     return run_demo(model=args.model, windows=args.windows, schemes=args.schemes)
+
+
+def _enable_compilation_cache() -> None:
+    """Reuse compiled XLA programs across CLI runs ($JAXQUANT_CACHE, '' to disable)."""
+    import jax
+
+    d = os.environ.get("JAXQUANT_CACHE", os.path.expanduser("~/.cache/jaxquant/xla"))
+    if d:
+        jax.config.update("jax_compilation_cache_dir", d)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
 
+    q = sub.add_parser("quantize", help="calibrate and quantize a model with a recipe")
+    q.add_argument("--model", required=True, help="HF dir, .gguf file, or 'smollm2-135m'")
+    q.add_argument("--recipe", required=True, help="recipe name in configs/recipes or a YAML file")
+    q.add_argument("--calib", default="wikitext2", help="'wikitext2' or a .npy of token ids")
+    q.add_argument("--out", required=True, help="output directory (progress is saved here)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    q.add_argument("--n-samples", type=int, default=None)
+    q.add_argument("--seqlen", type=int, default=None)
+    q.set_defaults(fn=cmd_quantize)
+
     d = sub.add_parser("demo", help="quantize the real model and compare perplexities")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--windows", type=int, default=16)
@@ -120,10 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if getattr(args, "windows", None) == 0:
         args.windows = None
-    result = args.fn(args)
+    try:
+        result = args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"jaxquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
     sys.stdout.flush()
     print(json.dumps(result))
     return 0

@@ -28,6 +28,9 @@ of 32 (see :func:`packed_rows`); the logical size is kept by the caller.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 CHUNK = 32  # codes per packing chunk; a chunk of b-bit codes is exactly b uint32 words
@@ -48,6 +51,7 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be in 2..8 for packing, got {bits}")
 
 
+@functools.partial(jax.jit, static_argnames="bits")
 def pack(q: jnp.ndarray, bits: int) -> jnp.ndarray:
     """Pack integer codes along axis -2 into uint32 words.
 
@@ -77,6 +81,7 @@ def pack(q: jnp.ndarray, bits: int) -> jnp.ndarray:
     return out.reshape(*batch, kp // CHUNK * bits, n)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "in_features"))
 def unpack(packed: jnp.ndarray, bits: int, in_features: int) -> jnp.ndarray:
     """Inverse of :func:`pack`.
 

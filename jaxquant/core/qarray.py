@@ -25,6 +25,7 @@ in the static metadata, so ``jax.vmap`` and ``jax.lax.scan`` over stacked QArray
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -250,6 +251,11 @@ def quantize(w: jax.Array, spec: QuantSpec, *, validate: bool = True) -> QArray:
     spec.check_weight_shape(w.shape)
     if validate:
         check_finite(w, name="w")
+    return _quantize_jit(w, spec)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _quantize_jit(w: jax.Array, spec: QuantSpec) -> QArray:
     s, z = compute_scale_zero(w, spec)
     q = quantize_codes(_grouped(w, spec), s, z, spec).reshape(w.shape)
     return from_codes(q, s, z, spec, dtype=w.dtype)
@@ -259,10 +265,15 @@ def dequantize(qa: QArray, *, dtype: Any = None) -> jax.Array:
     """``Ŵ = S (Q - Z)``, ``[..., K, N]`` in ``dtype`` (default: the dtype that was quantized)."""
     if not isinstance(qa, QArray):
         raise ValueError(f"dequantize expects a QArray, got {type(qa).__name__}")
+    return _dequantize_jit(qa, jnp.dtype(dtype or qa.dtype))
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _dequantize_jit(qa: QArray, dtype) -> jax.Array:
     spec = qa.spec
     q = _grouped(qa.codes(), spec)
     w = dequantize_codes(q, qa.scale, qa.zero_point()).reshape(qa.shape)
-    return w.astype(dtype or qa.dtype)
+    return w.astype(dtype)
 
 
 # ---------------------------------------------------------------------- sharding

@@ -54,12 +54,16 @@ class LoadedModel:
 
     @functools.cached_property
     def tokenizer(self):
-        """The checkpoint's tokenizer (GGUF: embedded; HF dir: its tokenizer files)."""
+        """The checkpoint's tokenizer (GGUF: embedded; HF / quantized dir: its tokenizer files)."""
         if isinstance(self.source, GGUFSource):
             return self.source.tokenizer()
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
+
+    @property
+    def quantized(self) -> bool:
+        return self.source == "jaxquant"
 
     @property
     def name(self) -> str:
@@ -93,11 +97,16 @@ def _is_gguf(path: str) -> bool:
 
 
 def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
-    """Load an HF safetensors directory or a GGUF file as a jaxquant model.
+    """Load an HF safetensors directory, a GGUF file, or a jaxquant quantized directory.
 
     Returns:
       :class:`LoadedModel` with ``config`` (:class:`DecoderConfig`) and the stacked ``params``.
     """
+    from jaxquant.calibration.checkpoint import is_quantized_dir, load_quantized
+
+    if os.path.isdir(path) and is_quantized_dir(path):
+        cfg, params, _ = load_quantized(path)
+        return LoadedModel(cfg, params, os.fspath(path), "jaxquant")
     src, cfg_dict = open_source(path)
     where = os.path.join(os.fspath(path), "config.json") if os.path.isdir(path) else os.fspath(path)
     cfg = config_from_hf(cfg_dict, source=where)

@@ -73,7 +73,10 @@ def block_apply(cfg: DecoderConfig, block_params, x, positions, mask=None, *, ac
 
 
 def layer_params(params, i: int):
-    """The parameters of block ``i`` sliced out of the stacked ``params["layers"]``."""
+    """The parameters of block ``i``: sliced out of the stacked ``params["layers"]``, or item ``i``
+    when ``layers`` is a list (blocks with different structures, e.g. mixed precision)."""
+    if isinstance(params["layers"], list | tuple):
+        return params["layers"][i]
     return jax.tree.map(lambda a: a[i], params["layers"])
 
 
@@ -131,7 +134,7 @@ def forward(
     mask = attention_mask(q_index, k_index, key_valid, causal=cfg.causal)
     x = embed(params, tokens, dtype)
 
-    if scan_layers:
+    if scan_layers and not isinstance(params["layers"], list | tuple):
         scan = nn.scan(
             _ScanBlock,
             variable_axes={"params": 0},

@@ -1,0 +1,101 @@
+"""Capture the input of every linear of a decoder block, and accumulate its statistics.
+
+The block runs normally under ``flax.linen.intercept_methods``; each :class:`~jaxquant.nn.Linear`
+call records its input under the module path (``self_attn/q_proj``...). Linears that read the same
+array (q/k/v; gate/up) share one statistic, so a block needs four Hessians, not seven.
+
+Statistics per distinct input ``x`` (``[..., K]``), accumulated in float32 over tokens:
+
+* ``H = Σ x xᵀ`` ``[K, K]`` (GPTQ's Hessian up to the factor 2),
+* ``absmax = max |x|`` ``[K]``, ``sum = Σ x`` ``[K]`` (means), and the token ``count``.
+
+:func:`block_stats` is one jitted pass. Given a mesh, the batch axis of the activations is sharded
+over its ``data`` axis and XLA reduces the partial statistics across devices; the result equals
+the single-device one up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxquant.models.common.config import DecoderConfig
+from jaxquant.models.common.decoder import DecoderBlock
+from jaxquant.models.common.layers import attention_mask
+from jaxquant.nn.linear import Linear
+
+# linears that share one input: the first of each tuple names the statistic
+INPUT_GROUPS = (
+    ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    ("self_attn/o_proj",),
+    ("mlp/gate_proj", "mlp/up_proj"),
+    ("mlp/down_proj",),
+)
+STAT_OF = {p: g[0] for g in INPUT_GROUPS for p in g}
+
+
+def run_block_capture(cfg: DecoderConfig, block_params, x, positions, *, act_bits=None):
+    """``(y, {linear path: input})`` for one block (no cache). ``x`` ``[B, T, D]``."""
+    seen: dict[str, jax.Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, Linear) and context.method_name == "__call__":
+            seen["/".join(context.module.path)] = args[0]
+        return next_fun(*args, **kwargs)
+
+    idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
+    mask = attention_mask(idx, idx, None, causal=cfg.causal)
+    with nn.intercept_methods(interceptor):
+        y, _ = DecoderBlock(cfg, act_bits).apply({"params": block_params}, x, positions, mask)
+    return y, seen
+
+
+def _stats_of(x: jax.Array) -> dict:
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return {
+        "H": jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST),
+        "absmax": jnp.max(jnp.abs(x2), axis=0),
+        "sum": jnp.sum(x2, axis=0),
+        "count": jnp.asarray(x2.shape[0], jnp.float32),
+        "finite": jnp.all(jnp.isfinite(x2)),
+    }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_stats(cfg, block_params, x, positions):
+    y, seen = run_block_capture(cfg, block_params, x, positions)
+    return y, {g[0]: _stats_of(seen[g[0]]) for g in INPUT_GROUPS}
+
+
+def merge_stats(a: dict | None, b: dict) -> dict:
+    """Combine statistics of two batches."""
+    if a is None:
+        return b
+    out = {}
+    for k in b:
+        sa, sb = a[k], b[k]
+        out[k] = {"H": sa["H"] + sb["H"], "absmax": jnp.maximum(sa["absmax"], sb["absmax"]),
+                  "sum": sa["sum"] + sb["sum"], "count": sa["count"] + sb["count"],
+                  "finite": sa["finite"] & sb["finite"]}
+    return out
+
+
+def block_stats(cfg: DecoderConfig, block_params, x, positions, *, mesh: Mesh | None = None,
+                data_axis: str = "data"):
+    """Block output and per-input statistics for a batch ``x`` ``[B, T, D]``.
+
+    With ``mesh``, ``x`` and ``positions`` are sharded over ``data_axis`` (B must divide evenly)
+    and the statistics come back replicated.
+    """
+    if mesh is not None:
+        n = mesh.shape[data_axis]
+        if x.shape[0] % n:
+            raise ValueError(f"batch {x.shape[0]} does not split over {n} '{data_axis}' devices")
+        x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(data_axis, None, None)))
+        positions = jax.device_put(positions, NamedSharding(mesh, PartitionSpec(data_axis, None)))
+        block_params = jax.device_put(block_params, NamedSharding(mesh, PartitionSpec()))
+    return _block_stats(cfg, block_params, x, positions)

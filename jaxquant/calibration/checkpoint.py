@@ -1,0 +1,139 @@
+"""Orbax checkpoints of parameter trees that hold QArrays, restorable without a target.
+
+Orbax restores a custom pytree only given a target structure. Beside every checkpoint we write
+``tree.json`` describing the tree (dicts, lists, dense arrays by shape/dtype, QArrays by spec,
+logical ``in_features`` and leaf shapes), from which the abstract target is rebuilt. Restores are
+bit-exact; the checkpoint itself is written atomically by orbax (temporary directory + rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxquant.core.qarray import QArray
+from jaxquant.core.spec import QuantSpec
+
+TREE_FILE = "tree.json"
+
+
+def _leaf(x) -> dict:
+    return {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name}
+
+
+def tree_spec(tree: Any) -> Any:
+    """A JSON description of ``tree`` (see module docstring)."""
+    if isinstance(tree, QArray):
+        return {"__qarray__": {
+            "spec": dataclasses.asdict(tree.spec), "in_features": tree.in_features,
+            "dtype": tree.dtype, "packed": _leaf(tree.packed), "scale": _leaf(tree.scale),
+            "zero": None if tree.zero is None else _leaf(tree.zero)}}
+    if isinstance(tree, dict):
+        return {"__dict__": {k: tree_spec(v) for k, v in tree.items()}}
+    if isinstance(tree, list | tuple):
+        return {"__list__": [tree_spec(v) for v in tree]}
+    if tree is None:
+        return None
+    return {"__array__": _leaf(tree)}
+
+
+def _sds(d: dict) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(d["shape"]), np.dtype(d["dtype"]) if d["dtype"] != "bfloat16"
+                                else jax.numpy.bfloat16)
+
+
+def abstract_tree(spec: Any) -> Any:
+    """The abstract target (ShapeDtypeStructs, QArrays of them) described by :func:`tree_spec`."""
+    if spec is None:
+        return None
+    if "__qarray__" in spec:
+        q = spec["__qarray__"]
+        return QArray(_sds(q["packed"]), _sds(q["scale"]),
+                      None if q["zero"] is None else _sds(q["zero"]),
+                      QuantSpec(**q["spec"]), q["in_features"], q["dtype"])
+    if "__dict__" in spec:
+        return {k: abstract_tree(v) for k, v in spec["__dict__"].items()}
+    if "__list__" in spec:
+        return [abstract_tree(v) for v in spec["__list__"]]
+    return _sds(spec["__array__"])
+
+
+def save_tree(path: str | os.PathLike, tree: Any) -> None:
+    """Save ``tree`` under directory ``path`` (overwriting)."""
+    path = os.path.abspath(os.fspath(path))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(path, "state"), tree, force=True)
+    ckpt.wait_until_finished()
+    tmp = os.path.join(path, TREE_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(tree_spec(tree), f)
+    os.replace(tmp, os.path.join(path, TREE_FILE))
+
+
+def load_tree(path: str | os.PathLike) -> Any:
+    """Restore a tree saved by :func:`save_tree`."""
+    path = os.path.abspath(os.fspath(path))
+    meta = os.path.join(path, TREE_FILE)
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f"{path}: not a jaxquant checkpoint (no {TREE_FILE})")
+    with open(meta) as f:
+        target = abstract_tree(json.load(f))
+    return ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+
+
+# ---------------------------------------------------------------------------- quantized models
+MODEL_FILE = "jaxquant.json"
+FORMAT = "jaxquant-quantized-v1"
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict):
+    from jaxquant.models.common.config import DecoderConfig, RopeConfig
+
+    d = dict(d)
+    d["rope"] = RopeConfig(**d["rope"])
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = tuple(d["eos_token_id"])
+    return DecoderConfig(**d)
+
+
+def save_quantized(out_dir: str | os.PathLike, config, params, *, recipe: dict,
+                   fingerprints: dict | None = None, source: str | None = None,
+                   extra: dict | None = None) -> None:
+    """Save a quantized model: params (orbax, packed QArrays), config and recipe."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    save_tree(os.path.join(out_dir, "params"), params)
+    meta = {"format": FORMAT, "config": config_to_dict(config), "recipe": recipe,
+            "fingerprints": fingerprints or {}, "source": source, **(extra or {})}
+    tmp = os.path.join(out_dir, MODEL_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), MODEL_FILE))
+
+
+def load_quantized(path: str | os.PathLike) -> tuple[Any, Any, dict]:
+    """``(config, params, metadata)`` of a model saved by :func:`save_quantized`."""
+    path = os.fspath(path)
+    with open(os.path.join(path, MODEL_FILE)) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}/{MODEL_FILE}: corrupt ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/{MODEL_FILE}: unknown format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r}")
+    return config_from_dict(meta["config"]), load_tree(os.path.join(path, "params")), meta

@@ -1,0 +1,170 @@
+"""Recipes as data: ``configs/recipes/*.yaml`` -> :class:`Recipe`.
+
+A recipe is an ordered list of rules. Each rule has a regex ``pattern`` that must *fully* match a
+linear's parameter path (``layers/3/self_attn/q_proj``, ``layers/12/mlp/down_proj``...), an
+``algorithm`` (``rtn``, ``gptq``, ``awq``, or ``none`` to keep the layer in floating point), a
+``spec`` (the :class:`~jaxquant.QuantSpec` fields) and algorithm ``options``. The first matching
+rule wins. Layers that no rule matches stay in floating point and are reported, and so are rules
+that match nothing. Every key is documented in ``configs/recipes/README.md``; unknown keys are
+errors, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import yaml
+
+from jaxquant.core.spec import QuantSpec
+
+ALGORITHMS = {
+    "none": {},
+    "rtn": {},
+    "gptq": {"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
+    "awq": {"n_grid": 20, "clip_search": True, "clip_grid": 20, "max_shrink": 0.5,
+            "clip_tokens": 512},
+}
+_RULE_KEYS = {"pattern", "algorithm", "spec", "options"}
+_RECIPE_KEYS = {"name", "description", "rules", "calibration"}
+_CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0}
+_SPEC_KEYS = {f.name for f in dataclasses.fields(QuantSpec)}
+RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "recipes")
+
+
+class RecipeError(ValueError):
+    """A malformed recipe (the message names the file, rule and key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    pattern: str
+    algorithm: str
+    spec: QuantSpec | None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.pattern, path) is not None
+
+    @property
+    def opts(self) -> dict:
+        return {**ALGORITHMS[self.algorithm], **dict(self.options)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[Rule, ...]
+    calibration: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+    source: str = "<dict>"
+
+    def match(self, path: str) -> Rule | None:
+        """The first rule whose pattern fully matches ``path`` (None: keep fp)."""
+        for r in self.rules:
+            if r.matches(path):
+                return r
+        return None
+
+    @property
+    def calib(self) -> dict:
+        return {**_CALIB_KEYS, **dict(self.calibration)}
+
+    def report(self, paths: list[str]) -> tuple[list[str], list[str]]:
+        """``(unmatched layer paths, patterns of rules no layer uses)``: a rule is unused when it
+        matches no path, or only paths an earlier rule already took."""
+        chosen = [self.match(p) for p in paths]
+        unmatched = [p for p, r in zip(paths, chosen, strict=True) if r is None]
+        used = {id(r) for r in chosen if r is not None}
+        unused = [r.pattern for r in self.rules if id(r) not in used]
+        return unmatched, unused
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "rules": [
+                {"pattern": r.pattern, "algorithm": r.algorithm,
+                 "spec": None if r.spec is None else dataclasses.asdict(r.spec),
+                 "options": dict(r.options)}
+                for r in self.rules
+            ],
+            "calibration": dict(self.calibration),
+        }
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def needs_data(self) -> bool:
+        return any(r.algorithm in ("gptq", "awq") for r in self.rules)
+
+
+def _unknown(keys, allowed, where: str) -> None:
+    extra = sorted(set(keys) - set(allowed))
+    if extra:
+        raise RecipeError(f"{where}: unknown key(s) {extra}; allowed: {sorted(allowed)}")
+
+
+def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
+    if not isinstance(d, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping, got {type(d).__name__}")
+    _unknown(d, _RECIPE_KEYS, source)
+    if not d.get("rules"):
+        raise RecipeError(f"{source}: 'rules' must be a non-empty list")
+    rules = []
+    for i, r in enumerate(d["rules"]):
+        where = f"{source}: rules[{i}]"
+        if not isinstance(r, dict):
+            raise RecipeError(f"{where}: must be a mapping")
+        _unknown(r, _RULE_KEYS, where)
+        if "pattern" not in r or "algorithm" not in r:
+            raise RecipeError(f"{where}: needs 'pattern' and 'algorithm'")
+        try:
+            re.compile(r["pattern"])
+        except re.error as e:
+            raise RecipeError(f"{where}: pattern {r['pattern']!r} is not a regex ({e})") from None
+        algo = r["algorithm"]
+        if algo not in ALGORITHMS:
+            raise RecipeError(
+                f"{where}: unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}"
+            )
+        opts = r.get("options") or {}
+        _unknown(opts, ALGORITHMS[algo], f"{where}.options")
+        spec = None
+        if algo != "none":
+            s = r.get("spec") or {}
+            _unknown(s, _SPEC_KEYS, f"{where}.spec")
+            try:
+                spec = QuantSpec(**s)
+            except ValueError as e:
+                raise RecipeError(f"{where}.spec: {e}") from None
+        rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items()))))
+    calib = d.get("calibration") or {}
+    _unknown(calib, _CALIB_KEYS, f"{source}: calibration")
+    return Recipe(d.get("name", os.path.basename(source)), tuple(rules),
+                  tuple(sorted(calib.items())), d.get("description", ""), source)
+
+
+def load_recipe(name_or_path: str | os.PathLike | dict) -> Recipe:
+    """A recipe from a dict, a YAML file, or the name of one in ``configs/recipes``."""
+    if isinstance(name_or_path, dict):
+        return recipe_from_dict(name_or_path)
+    p = os.fspath(name_or_path)
+    if not os.path.isfile(p):
+        cand = os.path.join(RECIPE_DIR, p if p.endswith(".yaml") else f"{p}.yaml")
+        if not os.path.isfile(cand):
+            known = sorted(f[:-5] for f in os.listdir(RECIPE_DIR) if f.endswith(".yaml")) \
+                if os.path.isdir(RECIPE_DIR) else []
+            raise FileNotFoundError(f"recipe {p!r} not found (a YAML path, or one of {known})")
+        p = cand
+    with open(p) as f:
+        try:
+            d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{p}: not valid YAML ({e})") from None
+    return recipe_from_dict(d, source=p)
