@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export JAXQUANT_DATA ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench clean peer-venv bench-peer
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# llm-compressor, the peer of benchmarks/bench_vs_llmcompressor.py, in its own venv:
+# it pins transformers <= 5.17, jaxquant pins 5.24.
+peer-venv:
+	test -x .venv-peer/bin/python || $(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/pip install -q "torch==2.13.0" llmcompressor gguf accelerate
+
+bench-peer: $(STAMP)
+	$(BIN)/python benchmarks/bench_vs_llmcompressor.py --peer-python .venv-peer/bin/python

@@ -40,7 +40,7 @@ from jaxquant.algorithms.rtn import rtn
 from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats, merge_stats, \
     run_block_capture
 from jaxquant.calibration.checkpoint import load_tree, save_tree
-from jaxquant.core.qarray import dequantize
+from jaxquant.core.qarray import dequantize, split_columns
 from jaxquant.models.common.config import DecoderConfig
 from jaxquant.models.common.decoder import block_apply, embed
 from jaxquant.models.common.hf_weights import _read, block_params_from_source
@@ -191,8 +191,31 @@ def _apply_awq(cfg, recipe, b, bp, X, positions, batch_size):
     return bp, row_scale, clip_x
 
 
+def _batched_gptq(recipe, b, bp, stats) -> dict[str, tuple[Any, float]]:
+    """GPTQ of the linears that share an input (hence H) and a rule, as ONE matrix: the rows of
+    ``Wᵀ`` are independent given ``H``, so concatenating outputs changes nothing but the cost."""
+    done: dict[str, tuple[Any, float]] = {}
+    for g in INPUT_GROUPS:
+        rules = [recipe.match(f"layers/{b}/{p}") for p in g]
+        r0 = rules[0]
+        if (len(g) < 2 or r0 is None or r0.algorithm != "gptq" or r0.spec.per_tensor
+                or any(r is not r0 for r in rules)):
+            continue
+        t0 = time.perf_counter()
+        Ws = [_get(bp, f"{p}/kernel") for p in g]
+        o = r0.opts
+        qa, _ = gptq(jnp.concatenate(Ws, axis=-1), stats[g[0]]["H"], r0.spec,
+                     blocksize=o["blocksize"], damp=o["damp"], act_order=o["act_order"],
+                     static_groups=o["static_groups"])
+        parts = split_columns(qa, [w.shape[-1] for w in Ws])
+        secs = (time.perf_counter() - t0) / len(g)
+        done.update({p: (q, secs) for p, q in zip(g, parts, strict=True)})
+    return done
+
+
 def _quantize_block(cfg, recipe, b, bp, stats, X, positions, batch_size):
     bp, row_scale, clip_x = _apply_awq(cfg, recipe, b, bp, X, positions, batch_size)
+    batched = _batched_gptq(recipe, b, bp, stats)
     reports = []
     for p in LINEARS:
         path = f"layers/{b}/{p}"
@@ -205,6 +228,9 @@ def _quantize_block(cfg, recipe, b, bp, stats, X, positions, batch_size):
         opts = rule.opts
         if rule.algorithm == "rtn":
             qa = rtn(W, rule.spec)
+        elif p in batched:
+            qa, secs = batched[p]
+            t0 = time.perf_counter() - secs
         elif rule.algorithm == "gptq":
             qa, _ = gptq(W, H, rule.spec, blocksize=opts["blocksize"], damp=opts["damp"],
                          act_order=opts["act_order"], static_groups=opts["static_groups"])
@@ -332,7 +358,7 @@ def calibrate(
         bp = jax.tree.map(jnp.asarray, block_params_from_source(cfg, src, b, np.float32))
         stats = None
         for i in range(0, X.shape[0], bs):
-            _, s = block_stats(cfg, bp, X[i : i + bs], positions[i : i + bs], mesh=mesh)
+            s = block_stats(cfg, bp, X[i : i + bs], positions[i : i + bs], mesh=mesh)
             stats = merge_stats(stats, s)
         bad = [k for k, s in stats.items() if not bool(s["finite"])]
         if bad:

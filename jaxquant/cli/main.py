@@ -151,7 +151,7 @@ def _source_for_tokenizer(path: str):
 def cmd_demo(args) -> dict:
     from jaxquant.demo import run_demo
 
-    return run_demo(model=args.model, windows=args.windows, schemes=args.schemes)
+    return run_demo(model=args.model, recipe=args.recipe, windows=args.windows)
 
 
 def _enable_compilation_cache() -> None:
@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize the real model and compare perplexities")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--windows", type=int, default=16)
-    d.add_argument("--schemes", default="w4g64,w3g64,w2g64")
+    d.add_argument("--recipe", default="gptq_w4_g64")
+    d.add_argument("--windows", type=int, default=64)
     d.set_defaults(fn=cmd_demo)
     return p
 

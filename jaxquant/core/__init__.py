@@ -19,6 +19,7 @@ from jaxquant.core.qarray import (
     quantize,
     quantize_dequantize,
     shard_qarray,
+    split_columns,
 )
 from jaxquant.core.spec import QuantSpec
 
@@ -37,5 +38,6 @@ __all__ = [
     "quantize_dequantize",
     "quantize_per_token",
     "shard_qarray",
+    "split_columns",
     "unpack",
 ]

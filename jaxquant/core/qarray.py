@@ -276,6 +276,22 @@ def _dequantize_jit(qa: QArray, dtype) -> jax.Array:
     return w.astype(dtype)
 
 
+def split_columns(qa: QArray, sizes: list[int]) -> list[QArray]:
+    """Split a QArray along its output axis into parts of ``sizes`` columns (exact: codes, scales
+    and zeros are per output column). Not for per-tensor specs."""
+    if qa.spec.per_tensor:
+        raise ValueError("a per-tensor QArray shares one scale across columns; cannot split it")
+    if sum(sizes) != qa.shape[-1]:
+        raise ValueError(f"sizes {sizes} do not add up to the {qa.shape[-1]} output columns")
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        out.append(qa.replace(packed=qa.packed[..., sl], scale=qa.scale[..., sl],
+                              zero=None if qa.zero is None else qa.zero[..., sl]))
+        start += n
+    return out
+
+
 # ---------------------------------------------------------------------- sharding
 def qarray_partition_specs(qa: QArray, weight_pspec: PartitionSpec, mesh: Mesh) -> QArray:
     """PartitionSpecs for each leaf of ``qa`` given the PartitionSpec of the dense weight.

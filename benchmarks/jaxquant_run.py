@@ -1,0 +1,54 @@
+"""jaxquant side of the peer comparison: one scheme per process (calibration wall time and peak
+RSS are the calibration's own), then the protocol's quick-eval perplexity.
+
+    .venv/bin/python benchmarks/jaxquant_run.py --algo gptq --bits 3 --group 64
+
+Prints one JSON line: algo, bits, group, calib_seconds, peak_rss_mib (after calibration), ppl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--algo", choices=["rtn", "gptq", "awq"], required=True)
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=64)
+    args = ap.parse_args()
+
+    from jaxquant import data as jdata
+    from jaxquant import eval as jeval
+    from jaxquant.calibration.driver import calibrate
+    from jaxquant.models.assets import resolve_model_path
+    from jaxquant.recipes import load_recipe
+
+    d = jdata.data_dir()
+    if d is None:
+        raise SystemExit("set $JAXQUANT_DATA to the protocol data directory")
+    path = resolve_model_path(args.model)
+    calib = np.load(os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
+    recipe = load_recipe(f"{args.algo}_w{args.bits}_g{args.group}")
+    t0 = time.perf_counter()
+    res = calibrate(path, recipe, calib, progress=False)
+    secs = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    windows = np.load(os.path.join(d, "smollm2_wikitext2_test_eval_64x512.npy"))[: args.windows]
+    ppl = jeval.perplexity(jeval.model_logits_fn(res.config, res.params), windows,
+                           batch_size=1, progress=False)["ppl"]
+    print(json.dumps({"engine": "jaxquant", "algo": args.algo, "bits": args.bits,
+                      "group": args.group, "calib_seconds": round(secs, 1),
+                      "peak_rss_mib": round(rss, 1), "ppl": ppl}))
+
+
+if __name__ == "__main__":
+    main()
