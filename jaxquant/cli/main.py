@@ -118,7 +118,16 @@ def cmd_quantize(args) -> dict:
     path = resolve_model_path(args.model)
     tokens = _calib_tokens(path, args.calib, args.n_samples or c["n_samples"],
                            args.seqlen or c["seqlen"], c["seed"])
-    res = calibrate(path, recipe, tokens, out_dir=args.out, resume=args.resume)
+    mesh = None
+    if args.data_parallel > 1:
+        import jax
+        from jax.sharding import Mesh
+
+        devs = jax.devices()
+        if len(devs) < args.data_parallel:
+            raise ValueError(f"--data-parallel {args.data_parallel}: only {len(devs)} devices")
+        mesh = Mesh(np.array(devs[: args.data_parallel]), ("data",))
+    res = calibrate(path, recipe, tokens, out_dir=args.out, resume=args.resume, mesh=mesh)
     save_quantized(args.out, res.config, res.params, recipe=recipe.to_dict(), source=path)
     try:
         from jaxquant.models.loading import LoadedModel
@@ -195,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run")
     q.add_argument("--n-samples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)
+    q.add_argument("--data-parallel", type=int, default=1,
+                   help="shard the statistics pass over this many devices (a 'data' mesh axis)")
     q.set_defaults(fn=cmd_quantize)
 
     d = sub.add_parser("demo", help="quantize the real model and compare perplexities")
