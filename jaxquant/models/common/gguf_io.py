@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 import numpy as np
 
@@ -49,18 +50,112 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+           11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Header:
+    """A minimal, lazy GGUF (v2/v3) header parser: metadata scalars and strings are decoded,
+    arrays are skipped and only their length kept (the tokenizer's 50k-entry arrays would cost
+    ~150 MB as Python objects and seconds of parsing), tensor infos are recorded."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = os.path.getsize(path)
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.pos = 0
+        if bytes(self._mm[:4]) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+        self.pos = 4
+        self.version = self._scalar(4)
+        if self.version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {self.version} is not supported (2, 3)")
+        n_tensors, n_kv = self._scalar(10), self._scalar(10)
+        self.fields: dict = {}
+        self.array_lens: dict[str, int] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            vtype = self._scalar(4)
+            if vtype == _ARRAY:
+                etype, count = self._scalar(4), self._scalar(10)
+                self.array_lens[key] = count
+                if etype == _STRING:
+                    for _ in range(count):
+                        self.pos += 8 + self._u64_at(self.pos)
+                elif etype in _SCALAR:
+                    self.pos += count * struct.calcsize(_SCALAR[etype])
+                else:
+                    raise ValueError(f"{path}: metadata {key!r} has nested arrays")
+            elif vtype == _STRING:
+                self.fields[key] = self._string()
+            elif vtype in _SCALAR:
+                self.fields[key] = self._scalar(vtype)
+            else:
+                raise ValueError(f"{path}: metadata {key!r} has unknown type {vtype}")
+        self.tensors: dict[str, tuple[tuple[int, ...], int, int]] = {}
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._scalar(4)
+            dims = tuple(self._scalar(10) for _ in range(n_dims))
+            ttype, offset = self._scalar(4), self._scalar(10)
+            self.tensors[name] = (dims, ttype, offset)
+        align = int(self.fields.get("general.alignment", 32))
+        self.data_start = -(-self.pos // align) * align
+
+    def _check(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise ValueError(f"{self.path}: GGUF header runs past the end of the file; the file "
+                             "is truncated or corrupt")
+
+    def _u64_at(self, pos: int) -> int:
+        if pos + 8 > self.size:
+            raise ValueError(f"{self.path}: truncated GGUF metadata")
+        return int(self._mm[pos : pos + 8].view("<u8")[0])
+
+    def _scalar(self, vtype: int):
+        fmt = _SCALAR[vtype]
+        n = struct.calcsize(fmt)
+        self._check(n)
+        (v,) = struct.unpack(fmt, bytes(self._mm[self.pos : self.pos + n]))
+        self.pos += n
+        return v
+
+    def _string(self) -> str:
+        n = self._scalar(10)
+        self._check(n)
+        v = bytes(self._mm[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return v
+
+    def tensor_bytes(self, name: str) -> tuple[np.ndarray, tuple[int, ...], int]:
+        """``(raw uint8 bytes, ggml dims, ggml type)`` of a tensor, memory-mapped."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        dims, ttype, offset = self.tensors[name]
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (KeyError, ValueError):
+            raise ValueError(f"{self.path}: tensor {name} has unknown ggml type {ttype}") from None
+        n = int(np.prod(dims, dtype=np.int64))
+        nbytes = n // block * type_size
+        start = self.data_start + offset
+        if start + nbytes > self.size:
+            raise ValueError(f"{self.path}: tensor {name} lies beyond the end of the file; the "
+                             "file is truncated or corrupt")
+        return self._mm[start : start + nbytes], dims, ttype
+
+
 class GGUFSource:
     """A GGUF file as a source of HF-named float32 tensors, its config and its tokenizer."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
         try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
+            self._header = _Header(self.path)
+        except (struct.error, UnicodeDecodeError, OverflowError, IndexError) as e:
             raise ValueError(
                 f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e}); "
                 "the file may be truncated or corrupt"
@@ -72,15 +167,14 @@ class GGUFSource:
                 f"(supported: {sorted(ARCHITECTURES)})"
             )
         self._tensors = {}
-        for t in self._reader.tensors:
-            name = _hf_name(t.name)
+        for gname in self._header.tensors:
+            name = _hf_name(gname)
             if name is not None:
-                self._tensors[name] = t
+                self._tensors[name] = gname
 
     # -- metadata --------------------------------------------------------------------------
     def field(self, key: str, default=None):
-        f = self._reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self._header.fields.get(key, default)
 
     def config_dict(self) -> dict:
         """An HF-style ``config.json`` dict built from the GGUF metadata."""
@@ -92,7 +186,10 @@ class GGUFSource:
                                   ("attention.head_count", n_heads)) if v is None]
         if missing:
             raise ValueError(f"{self.path}: GGUF metadata lacks {a}.{missing[0]}")
-        vocab = self.field(f"{a}.vocab_size") or len(self.field("tokenizer.ggml.tokens", []))
+        vocab = self.field(f"{a}.vocab_size") or self._header.array_lens.get("tokenizer.ggml.tokens")
+        if not vocab:
+            raise ValueError(f"{self.path}: GGUF metadata has neither {a}.vocab_size nor "
+                             "tokenizer.ggml.tokens")
         cfg = {
             "model_type": ARCHITECTURES[a],
             "vocab_size": int(vocab),
@@ -133,7 +230,7 @@ class GGUFSource:
         return name in self._tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(s) for s in reversed(self._tensors[name].shape))
+        return tuple(int(s) for s in reversed(self._header.tensors[self._tensors[name]][0]))
 
     def get(self, name: str) -> np.ndarray:
         """Dequantized float32 tensor in the HF ``[out, in]`` layout."""
@@ -141,14 +238,24 @@ class GGUFSource:
 
         if name not in self._tensors:
             raise KeyError(f"{self.path}: GGUF has no tensor for {name!r}")
-        t = self._tensors[name]
+        from gguf.constants import GGMLQuantizationType
+
+        gname = self._tensors[name]
+        raw, dims, ttype = self._header.tensor_bytes(gname)
+        qtype = GGMLQuantizationType(ttype)
+        shape = self.shape(name)
         try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                dt = np.float32 if qtype == GGMLQuantizationType.F32 else np.float16
+                w = raw.view(dt).reshape(shape).astype(np.float32)
+            else:
+                rows = int(np.prod(shape[:-1], dtype=np.int64))
+                w = np.asarray(dequantize(np.asarray(raw).reshape(rows, -1), qtype), np.float32)
         except (NotImplementedError, ValueError) as e:
             raise ValueError(
-                f"{self.path}: cannot dequantize tensor {t.name} of type {t.tensor_type.name}: {e}"
+                f"{self.path}: cannot dequantize tensor {gname} of type {qtype.name}: {e}"
             ) from None
-        w = w.reshape(self.shape(name))
+        w = w.reshape(shape)
         if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             cfg_heads = self.field(f"{self.arch}.attention.head_count")
             if ".k_proj." in name:
