@@ -88,6 +88,34 @@ def merge_stats(a: dict | None, b: dict) -> dict:
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _block_stats_scan(cfg, block_params, x, positions, batch_size):
+    """All batches in one program: ``lax.scan`` over ``[n/bs, bs, T, D]`` summing statistics."""
+    n, t, d = x.shape
+    xs = x.reshape(n // batch_size, batch_size, t, d)
+    ps = positions.reshape(n // batch_size, batch_size, t)
+    first = _block_stats(cfg, block_params, xs[0], ps[0])
+
+    def body(acc, xp):
+        return merge_stats(acc, _block_stats(cfg, block_params, xp[0], xp[1])), None
+
+    acc, _ = jax.lax.scan(body, first, (xs[1:], ps[1:]))
+    return acc
+
+
+def block_stats_all(cfg: DecoderConfig, block_params, x, positions, *, batch_size: int,
+                    mesh: Mesh | None = None) -> dict:
+    """Statistics of one block over all of ``x`` ``[n, T, D]``, ``batch_size`` rows at a time
+    (one compiled program when ``batch_size`` divides ``n`` and no mesh is given)."""
+    if mesh is None and x.shape[0] % batch_size == 0:
+        return _block_stats_scan(cfg, block_params, x, positions, batch_size)
+    stats = None
+    for i in range(0, x.shape[0], batch_size):
+        stats = merge_stats(stats, block_stats(cfg, block_params, x[i : i + batch_size],
+                                               positions[i : i + batch_size], mesh=mesh))
+    return stats
+
+
 def block_stats(cfg: DecoderConfig, block_params, x, positions, *, mesh: Mesh | None = None,
                 data_axis: str = "data"):
     """Per-input statistics of one block for a batch ``x`` ``[B, T, D]``.

@@ -19,6 +19,7 @@ resume whose model, recipe or calibration data differ is refused, naming which.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from jaxquant.algorithms.awq import awq_clip, awq_search_scale
 from jaxquant.algorithms.gptq import gptq
 from jaxquant.algorithms.rtn import rtn
-from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats, merge_stats, \
+from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats_all, \
     run_block_capture
 from jaxquant.calibration.checkpoint import load_tree, save_tree
 from jaxquant.core.qarray import dequantize, split_columns
@@ -153,11 +154,14 @@ def _apply_awq(cfg, recipe, b, bp, X, positions, batch_size):
     if not groups:
         return bp, row_scale, clip_x
     captured: dict[str, list] = {g[0]: [] for g in groups}
-    cap = jax.jit(lambda p, x, pos: run_block_capture(cfg, p, x, pos)[1], static_argnums=())
+    cap = jax.jit(lambda p, x, pos: run_block_capture(cfg, p, x, pos)[1])
+    search_tokens = max(r.opts["search_tokens"] for g in groups for p in g
+                        if (r := recipe.match(f"layers/{b}/{p}")) and r.algorithm == "awq")
+    stride = max(1, (X.shape[0] * X.shape[1]) // search_tokens)
     for i in range(0, X.shape[0], batch_size):
         seen = cap(bp, X[i : i + batch_size], positions[i : i + batch_size])
-        for g in captured:
-            captured[g].append(seen[g].reshape(-1, seen[g].shape[-1]))
+        for g in captured:  # a strided token subsample bounds memory and search cost
+            captured[g].append(seen[g].reshape(-1, seen[g].shape[-1])[::stride])
     for g in groups:
         rule = recipe.match(f"layers/{b}/{g[0]}")
         opts = rule.opts
@@ -351,15 +355,11 @@ def calibrate(
     if X is None:
         X = embed(top, jnp.asarray(tokens))
 
-    apply = jax.jit(lambda p, x, pos: block_apply(cfg, p, x, pos))
     bar = tqdm(range(start, cfg.num_layers), desc="calibrate", unit="block",
                disable=not progress, initial=start, total=cfg.num_layers)
     for b in bar:
         bp = jax.tree.map(jnp.asarray, block_params_from_source(cfg, src, b, np.float32))
-        stats = None
-        for i in range(0, X.shape[0], bs):
-            s = block_stats(cfg, bp, X[i : i + bs], positions[i : i + bs], mesh=mesh)
-            stats = merge_stats(stats, s)
+        stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh)
         bad = [k for k, s in stats.items() if not bool(s["finite"])]
         if bad:
             raise FloatingPointError(
@@ -368,8 +368,7 @@ def calibrate(
             )
         qbp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
         del bp, stats
-        X = jnp.concatenate([apply(qbp, X[i : i + bs], positions[i : i + bs])
-                             for i in range(0, X.shape[0], bs)])
+        X = _propagate(cfg, qbp, X, positions, bs)
         if not bool(jnp.all(jnp.isfinite(X))):
             raise FloatingPointError(f"block {b}: quantized block produced NaN/Inf activations")
         blocks.append(qbp)
@@ -390,6 +389,26 @@ def calibrate(
     params = {**top, "layers": stack_or_list(blocks)}
     return CalibrationResult(cfg, params, reports, time.perf_counter() - t_start,
                              unmatched, unused, start)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
+def _propagate_scan(cfg, qbp, X, positions, bs):
+    n, t, d = X.shape
+    xs = X.reshape(n // bs, bs, t, d)
+    ps = positions.reshape(n // bs, bs, t)
+    out = jax.lax.map(lambda a: block_apply(cfg, qbp, a[0], a[1]), (xs, ps))
+    return out.reshape(n, t, d)
+
+
+_apply_jit = jax.jit(block_apply, static_argnums=0)
+
+
+def _propagate(cfg, qbp, X, positions, bs):
+    """``X_{b+1} = block_b(X_b)`` batch by batch; one program (X donated) when ``bs`` divides n."""
+    if X.shape[0] % bs == 0:
+        return _propagate_scan(cfg, qbp, X, positions, bs)
+    return jnp.concatenate([_apply_jit(cfg, qbp, X[i : i + bs], positions[i : i + bs])
+                            for i in range(0, X.shape[0], bs)])
 
 
 def stack_or_list(blocks: list) -> Any:

@@ -26,8 +26,8 @@ ALGORITHMS = {
     "none": {},
     "rtn": {},
     "gptq": {"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
-    "awq": {"n_grid": 20, "clip_search": True, "clip_grid": 20, "max_shrink": 0.5,
-            "clip_tokens": 512},
+    "awq": {"n_grid": 20, "search_tokens": 4096, "clip_search": True, "clip_grid": 20,
+            "max_shrink": 0.5, "clip_tokens": 512},
 }
 _RULE_KEYS = {"pattern", "algorithm", "spec", "options"}
 _RECIPE_KEYS = {"name", "description", "rules", "calibration"}
