@@ -41,3 +41,14 @@ def test_each_block_alone_matches_hf_hidden_states(tmp_path):
         x = hs[i].numpy()
         y = models.block_apply(m.config, models.layer_params(m.params, i), x, positions)
         assert np.max(np.abs(np.asarray(y) - hs[i + 1].numpy())) <= 1e-4
+
+
+def test_sharded_safetensors_checkpoint(tmp_path):
+    hf = make_hf_model("qwen2", "gqa", False, seed=8)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    m = models.load(tmp_path)
+    tokens = np.random.default_rng(3).integers(0, 96, size=(1, 24)).astype(np.int32)
+    ours, _ = models.forward(m.config, m.params, tokens)
+    assert np.max(np.abs(np.asarray(ours) - hf_logits(hf, tokens))) <= 1e-4
