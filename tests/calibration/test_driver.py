@@ -188,3 +188,18 @@ def test_resume_mismatch_and_existing_output(tiny, tmp_path):
     make_hf_model("llama", "mha", False, seed=99).save_pretrained(d2)
     with pytest.raises(ResumeMismatchError, match="different model"):
         calibrate(d2, _recipe("rtn"), tokens, out_dir=out, resume=True, progress=False)
+
+
+def test_inf_activations_are_refused_not_written(tmp_path):
+    import torch
+
+    hf = make_hf_model("llama", "mha", False, seed=13)
+    with torch.no_grad():  # block 1's MLP overflows float32: its output is inf
+        hf.model.layers[1].mlp.up_proj.weight.mul_(1e30)
+        hf.model.layers[1].mlp.down_proj.weight.mul_(1e30)
+    hf.save_pretrained(tmp_path / "m")
+    tokens = np.random.default_rng(4).integers(0, 96, size=(8, 64)).astype(np.int32)
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match=r"block [12]: .*(NaN/Inf)"):
+        calibrate(tmp_path / "m", _recipe("rtn"), tokens, out_dir=out, progress=False)
+    assert not (out / "progress" / "block_0002").exists()
