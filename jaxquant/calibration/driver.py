@@ -38,8 +38,7 @@ from tqdm.auto import tqdm
 from jaxquant.algorithms.awq import awq_clip, awq_search_scale
 from jaxquant.algorithms.gptq import gptq
 from jaxquant.algorithms.rtn import rtn
-from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats_all, \
-    run_block_capture
+from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats_all, run_block_capture
 from jaxquant.calibration.checkpoint import load_tree, save_tree
 from jaxquant.core.qarray import dequantize, split_columns
 from jaxquant.models.common.config import DecoderConfig

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxquant.models.common.config import DecoderConfig, RopeConfig
 from jaxquant.nn.linear import Linear, _bcast_last
 
+
 # -------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
     """``y = g ⊙ x / sqrt(mean(x²) + eps) (+ β)``; the bias ``β`` is D²Quant's DAC correction."""
