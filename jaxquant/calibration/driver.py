@@ -40,6 +40,7 @@ from jaxquant.algorithms.gptq import gptq
 from jaxquant.algorithms.rtn import rtn
 from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats_all, run_block_capture
 from jaxquant.calibration.checkpoint import load_tree, save_tree
+from jaxquant.calibration.weight_only import LINEAR_PATHS as LINEARS
 from jaxquant.core.qarray import dequantize, split_columns
 from jaxquant.models.common.config import DecoderConfig
 from jaxquant.models.common.decoder import block_apply, embed
@@ -50,7 +51,6 @@ from jaxquant.recipes.recipe import Recipe
 log = logging.getLogger(__name__)
 PROGRESS_DIR = "progress"
 STATE_FILE = "state.json"
-LINEARS = tuple(p for g in INPUT_GROUPS for p in g)
 # where an AWQ scale of each input group is folded (None: no exact fold for this shape)
 AWQ_FOLD = {
     "self_attn/q_proj": "input_layernorm",

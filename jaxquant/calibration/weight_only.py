@@ -5,13 +5,11 @@ from __future__ import annotations
 import re
 
 from jaxquant.algorithms.rtn import rtn
+from jaxquant.calibration.capture import INPUT_GROUPS
 from jaxquant.core.spec import QuantSpec
 
 # parameter paths of the block linears, relative to params["layers"]
-LINEAR_PATHS = (
-    "self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
-    "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj",
-)
+LINEAR_PATHS = tuple(p for group in INPUT_GROUPS for p in group)
 
 
 def quantize_linears_rtn(params: dict, spec: QuantSpec, *, include: str = ".*") -> dict:

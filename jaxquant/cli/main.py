@@ -82,10 +82,21 @@ def cmd_generate(args) -> dict:
             "new_tokens": len(new), "seconds": round(secs, 2)}
 
 
-def _calib_tokens(model_path: str, calib: str, n: int, seqlen: int, seed: int) -> np.ndarray:
-    from jaxquant import data as jdata
+def _tokenizer_for(model_path: str):
+    """The checkpoint's tokenizer (embedded in a GGUF, or the HF dir's tokenizer files)."""
     from jaxquant.models.common.gguf_io import GGUFSource
     from jaxquant.models.loading import open_source
+
+    src, _ = open_source(model_path)
+    if isinstance(src, GGUFSource):
+        return src.tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _calib_tokens(tokenizer_fn, calib: str, n: int, seqlen: int, seed: int) -> np.ndarray:
+    from jaxquant import data as jdata
 
     if calib.endswith(".npy"):
         if not os.path.isfile(calib):
@@ -94,14 +105,7 @@ def _calib_tokens(model_path: str, calib: str, n: int, seqlen: int, seed: int) -
         return arr if arr.ndim == 2 else jdata.windows_from_tokens(arr, n, seqlen)
     if calib != "wikitext2":
         raise SystemExit(f"--calib must be 'wikitext2' or a .npy file of token ids, got {calib!r}")
-    src, _ = open_source(model_path)
-    if isinstance(src, GGUFSource):
-        tok = src.tokenizer()
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_path)
-    return jdata.calib_windows(tok, n, seqlen, seed=seed)
+    return jdata.calib_windows(tokenizer_fn(), n, seqlen, seed=seed)
 
 
 def cmd_quantize(args) -> dict:
@@ -116,7 +120,14 @@ def cmd_quantize(args) -> dict:
     recipe = load_recipe(args.recipe)
     c = recipe.calib
     path = resolve_model_path(args.model)
-    tokens = _calib_tokens(path, args.calib, args.n_samples or c["n_samples"],
+    tokenizers: dict = {}
+
+    def tokenizer():  # built once (a GGUF's takes seconds), used for calibration and saving
+        if "tok" not in tokenizers:
+            tokenizers["tok"] = _tokenizer_for(path)
+        return tokenizers["tok"]
+
+    tokens = _calib_tokens(tokenizer, args.calib, args.n_samples or c["n_samples"],
                            args.seqlen or c["seqlen"], c["seed"])
     mesh = None
     if args.data_parallel > 1:
@@ -130,10 +141,7 @@ def cmd_quantize(args) -> dict:
     res = calibrate(path, recipe, tokens, out_dir=args.out, resume=args.resume, mesh=mesh)
     save_quantized(args.out, res.config, res.params, recipe=recipe.to_dict(), source=path)
     try:
-        from jaxquant.models.loading import LoadedModel
-
-        tok = LoadedModel(res.config, None, path, _source_for_tokenizer(path)).tokenizer
-        tok.save_pretrained(args.out)
+        tokenizer().save_pretrained(args.out)
     except Exception as e:  # a tokenizer is a convenience for eval/generate, not the product
         logging.warning("could not save the tokenizer next to the model: %s", e)
     report.write_csv(res.report, os.path.join(args.out, "layers.csv"))
@@ -149,12 +157,6 @@ def cmd_quantize(args) -> dict:
             "layers": len(res.report), "mean_rel_error": float(np.mean(errs)) if errs else 0.0,
             "calib_seconds": round(res.seconds, 2), "resumed_from_block": res.resumed_from,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-
-
-def _source_for_tokenizer(path: str):
-    from jaxquant.models.loading import open_source
-
-    return open_source(path)[0]
 
 
 def cmd_demo(args) -> dict:
