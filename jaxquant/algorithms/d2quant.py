@@ -162,7 +162,7 @@ def _dsq_core(W, H, *, spec, iters, init, requant, ls, monotone, blocksize, damp
         state = (s, pick(Q2, Q), pick(S2, S), pick(Z2, Z), pick(U2, U), pick(f_q, f_s))
         return state, jnp.stack([f_s, pick(f_q, f_s)])
 
-    (s, Q, S, Z, U, f), hist = jax.lax.scan(one_round, (s, Q, S, Z, U, f0), None, length=iters)
+    (s, Q, S, Z, _, _), hist = jax.lax.scan(one_round, (s, Q, S, Z, U, f0), None, length=iters)
     history = jnp.concatenate([f0[None], hist.reshape(-1)])
     return Q, S, Z, s, history
 

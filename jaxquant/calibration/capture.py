@@ -36,6 +36,9 @@ INPUT_GROUPS = (
     ("mlp/down_proj",),
 )
 STAT_OF = {p: g[0] for g in INPUT_GROUPS for p in g}
+ALL_STATS = tuple(g[0] for g in INPUT_GROUPS)
+ATTN_STATS = ("self_attn/q_proj", "self_attn/o_proj")
+MLP_STATS = ("mlp/gate_proj", "mlp/down_proj")
 # float32 Hessians must not be accumulated through bf16 passes (TPU's default matmul precision);
 # on CPU/GPU the default already is float32 and HIGHEST only selects a slower path.
 _PRECISION = jax.lax.Precision.HIGHEST if jax.default_backend() == "tpu" else None
@@ -68,11 +71,11 @@ def _stats_of(x: jax.Array) -> dict:
     }
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block_stats(cfg, block_params, x, positions):
-    # the block output is not returned, so XLA drops the down_proj matmul and the residual
+@functools.partial(jax.jit, static_argnums=0, static_argnames="which")
+def _block_stats(cfg, block_params, x, positions, which=ALL_STATS):
+    # the block output is not returned, so XLA drops what no statistic needs (down_proj, ...)
     _, seen = run_block_capture(cfg, block_params, x, positions)
-    return {g[0]: _stats_of(seen[g[0]]) for g in INPUT_GROUPS}
+    return {k: _stats_of(seen[k]) for k in which}
 
 
 def merge_stats(a: dict | None, b: dict) -> dict:
@@ -88,36 +91,84 @@ def merge_stats(a: dict | None, b: dict) -> dict:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _block_stats_scan(cfg, block_params, x, positions, batch_size):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _block_stats_scan(cfg, block_params, x, positions, batch_size, which=ALL_STATS):
     """All batches in one program: ``lax.scan`` over ``[n/bs, bs, T, D]`` summing statistics."""
     n, t, d = x.shape
     xs = x.reshape(n // batch_size, batch_size, t, d)
     ps = positions.reshape(n // batch_size, batch_size, t)
-    first = _block_stats(cfg, block_params, xs[0], ps[0])
+    first = _block_stats(cfg, block_params, xs[0], ps[0], which=which)
 
     def body(acc, xp):
-        return merge_stats(acc, _block_stats(cfg, block_params, xp[0], xp[1])), None
+        return merge_stats(acc, _block_stats(cfg, block_params, xp[0], xp[1], which=which)), None
 
     acc, _ = jax.lax.scan(body, first, (xs[1:], ps[1:]))
     return acc
 
 
 def block_stats_all(cfg: DecoderConfig, block_params, x, positions, *, batch_size: int,
-                    mesh: Mesh | None = None) -> dict:
+                    mesh: Mesh | None = None, which: tuple[str, ...] = ALL_STATS) -> dict:
     """Statistics of one block over all of ``x`` ``[n, T, D]``, ``batch_size`` rows at a time
-    (one compiled program when ``batch_size`` divides ``n`` and no mesh is given)."""
+    (one compiled program when ``batch_size`` divides ``n`` and no mesh is given). ``which``
+    names the statistics (first linear of each input group) to compute."""
     if mesh is None and x.shape[0] % batch_size == 0:
-        return _block_stats_scan(cfg, block_params, x, positions, batch_size)
+        return _block_stats_scan(cfg, block_params, x, positions, batch_size, tuple(which))
     stats = None
     for i in range(0, x.shape[0], batch_size):
         stats = merge_stats(stats, block_stats(cfg, block_params, x[i : i + batch_size],
-                                               positions[i : i + batch_size], mesh=mesh))
+                                               positions[i : i + batch_size], mesh=mesh,
+                                               which=tuple(which)))
     return stats
 
 
+def _shift_sums(cfg, ref_params, x_ref, q_params, x, positions, keys):
+    """Per key: ``Σ_t (ref input − quantized input)`` and ``Σ_t ‖ref input‖²`` over a batch."""
+    _, seen_ref = run_block_capture(cfg, ref_params, x_ref, positions)
+    _, seen_q = run_block_capture(cfg, q_params, x, positions)
+    out = {}
+    for k in keys:
+        a = seen_ref[k].astype(jnp.float32)
+        d = a - seen_q[k].astype(jnp.float32)
+        out[k] = {"sum": jnp.sum(d.reshape(-1, d.shape[-1]), axis=0), "sq": jnp.sum(a * a),
+                  "count": jnp.asarray(a.size // a.shape[-1], jnp.float32)}
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _mean_shift_scan(cfg, ref_params, x_ref, q_params, x, positions, batch_size, keys):
+    n, t, d = x.shape
+    r = lambda a: a.reshape(n // batch_size, batch_size, *a.shape[1:])  # noqa: E731
+    xs, xrs, ps = r(x), r(x_ref), r(positions)
+    first = _shift_sums(cfg, ref_params, xrs[0], q_params, xs[0], ps[0], keys)
+
+    def body(acc, a):
+        new = _shift_sums(cfg, ref_params, a[1], q_params, a[0], a[2], keys)
+        return jax.tree.map(jnp.add, acc, new), None
+
+    acc, _ = jax.lax.scan(body, first, (xs[1:], xrs[1:], ps[1:]))
+    return acc
+
+
+def block_mean_shift(cfg: DecoderConfig, ref_params, x_ref, q_params, x, positions, *,
+                     batch_size: int, keys: tuple[str, ...]) -> dict:
+    """D²Quant's DAC measurement: for each linear path in ``keys`` (``"mlp/gate_proj"`` reads the
+    post-attention norm's output, ``"self_attn/q_proj"`` the input norm's), the mean over all
+    tokens of (reference path − quantized path) at that input, ``{key: (mu [D], rms)}`` where
+    ``rms`` is the reference activation's root-mean-square (to judge the shift's size)."""
+    if x.shape[0] % batch_size:
+        batch_size = 1
+    acc = _mean_shift_scan(cfg, ref_params, x_ref, q_params, x, positions, batch_size,
+                           tuple(keys))
+    out = {}
+    for k, a in acc.items():
+        mu = a["sum"] / a["count"]
+        rms = jnp.sqrt(a["sq"] / (a["count"] * mu.shape[0]))
+        out[k] = (mu, rms)
+    return out
+
+
 def block_stats(cfg: DecoderConfig, block_params, x, positions, *, mesh: Mesh | None = None,
-                data_axis: str = "data"):
+                data_axis: str = "data", which: tuple[str, ...] = ALL_STATS):
     """Per-input statistics of one block for a batch ``x`` ``[B, T, D]``.
 
     With ``mesh``, ``x`` and ``positions`` are sharded over ``data_axis`` (B must divide evenly)
@@ -130,4 +181,4 @@ def block_stats(cfg: DecoderConfig, block_params, x, positions, *, mesh: Mesh | 
         x = jax.device_put(x, NamedSharding(mesh, PartitionSpec(data_axis, None, None)))
         positions = jax.device_put(positions, NamedSharding(mesh, PartitionSpec(data_axis, None)))
         block_params = jax.device_put(block_params, NamedSharding(mesh, PartitionSpec()))
-    return _block_stats(cfg, block_params, x, positions)
+    return _block_stats(cfg, block_params, x, positions, which=tuple(which))

@@ -36,9 +36,18 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxquant.algorithms.awq import awq_clip, awq_search_scale
+from jaxquant.algorithms.d2quant import dsq, dsq_dequantize, fold_channel_scale
 from jaxquant.algorithms.gptq import gptq
 from jaxquant.algorithms.rtn import rtn
-from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats_all, run_block_capture
+from jaxquant.calibration.capture import (
+    ATTN_STATS,
+    INPUT_GROUPS,
+    MLP_STATS,
+    STAT_OF,
+    block_mean_shift,
+    block_stats_all,
+    run_block_capture,
+)
 from jaxquant.calibration.checkpoint import load_tree, save_tree
 from jaxquant.calibration.weight_only import LINEAR_PATHS as LINEARS
 from jaxquant.core.qarray import dequantize, split_columns
@@ -143,11 +152,11 @@ def _check_tokens(tokens: np.ndarray, cfg: DecoderConfig, recipe: Recipe) -> np.
 
 
 # ---------------------------------------------------------------------------- one block
-def _apply_awq(cfg, recipe, b, bp, X, positions, batch_size):
-    """Search and fold AWQ scales for the input groups whose linears are AWQ; returns the new
-    block params, per-linear row scales (for error accounting) and the clip inputs."""
-    groups = [g for g in INPUT_GROUPS
-              if any((r := recipe.match(f"layers/{b}/{p}")) and r.algorithm == "awq" for p in g)]
+def _apply_awq(cfg, recipe, b, bp, X, positions, batch_size, which=None):
+    """Search and fold AWQ scales for the input groups (of ``which``) whose linears are AWQ;
+    returns the new block params, per-linear row scales (for error accounting) and clip inputs."""
+    groups = [g for g in INPUT_GROUPS if (which is None or g[0] in which)
+              and any((r := recipe.match(f"layers/{b}/{p}")) and r.algorithm == "awq" for p in g)]
     row_scale: dict[str, jax.Array] = {}
     clip_x: dict[str, jax.Array] = {}
     if not groups:
@@ -199,6 +208,8 @@ def _batched_gptq(recipe, b, bp, stats) -> dict[str, tuple[Any, float]]:
     ``Wᵀ`` are independent given ``H``, so concatenating outputs changes nothing but the cost."""
     done: dict[str, tuple[Any, float]] = {}
     for g in INPUT_GROUPS:
+        if g[0] not in stats:
+            continue
         rules = [recipe.match(f"layers/{b}/{p}") for p in g]
         r0 = rules[0]
         if (len(g) < 2 or r0 is None or r0.algorithm != "gptq" or r0.spec.per_tensor
@@ -217,10 +228,16 @@ def _batched_gptq(recipe, b, bp, stats) -> dict[str, tuple[Any, float]]:
 
 
 def _quantize_block(cfg, recipe, b, bp, stats, X, positions, batch_size):
-    bp, row_scale, clip_x = _apply_awq(cfg, recipe, b, bp, X, positions, batch_size)
+    """Quantize the linears whose input statistics are in ``stats`` (all of a block's, or one
+    stage's); DSQ's channel scale is folded into ``up_proj`` (quantized in the same stage)."""
+    which = tuple(stats)
+    bp, row_scale, clip_x = _apply_awq(cfg, recipe, b, bp, X, positions, batch_size, which)
     batched = _batched_gptq(recipe, b, bp, stats)
     reports = []
+    fold_up = None
     for p in LINEARS:
+        if STAT_OF[p] not in which:
+            continue
         path = f"layers/{b}/{p}"
         rule = recipe.match(path)
         if rule is None or rule.algorithm == "none":
@@ -241,9 +258,18 @@ def _quantize_block(cfg, recipe, b, bp, stats, X, positions, batch_size):
             Wc = awq_clip(clip_x[p], W, rule.spec, n_grid=opts["clip_grid"],
                           max_shrink=opts["max_shrink"]) if opts["clip_search"] else W
             qa = rtn(Wc, rule.spec)
+        elif rule.algorithm == "dsq":
+            if p != "mlp/down_proj":
+                raise ValueError(f"{path}: the dsq algorithm applies to mlp/down_proj only (its "
+                                 "channel scale folds into mlp/up_proj); check the recipe's "
+                                 f"rule {rule.pattern!r}")
+            qa, fold_up, _ = dsq(W, H, rule.spec, **opts)
         else:  # guarded by the recipe loader
             raise ValueError(f"unknown algorithm {rule.algorithm!r}")
-        W_hat = dequantize(qa, dtype=jnp.float32)
+        if rule.algorithm == "dsq":
+            W_hat = dsq_dequantize(qa, fold_up)
+        else:
+            W_hat = dequantize(qa, dtype=jnp.float32)
         if not bool(jnp.all(jnp.isfinite(W_hat))):
             raise FloatingPointError(f"{path}: quantized weights are not finite; not writing them")
         rs = row_scale.get(p)
@@ -254,6 +280,67 @@ def _quantize_block(cfg, recipe, b, bp, stats, X, positions, batch_size):
         bp = _set(bp, f"{p}/kernel", qa)
         reports.append(LayerReport(path, rule.algorithm, rule.spec.bits, err,
                                    time.perf_counter() - t0))
+    if fold_up is not None:  # s^c -> up_proj's per-column scales (codes unchanged)
+        bp = _set(bp, "mlp/up_proj/kernel", fold_channel_scale(_get(bp, "mlp/up_proj/kernel"),
+                                                               fold_up))
+        if "bias" in _get(bp, "mlp/up_proj"):
+            bp = _set(bp, "mlp/up_proj/bias", _get(bp, "mlp/up_proj/bias") * fold_up)
+    return bp, reports
+
+
+def _add_norm_bias(bp, norm: str, mu):
+    old = _get(bp, norm).get("bias")
+    return _set(bp, f"{norm}/bias", mu if old is None else old + mu)
+
+
+def _check_stats(stats, b):
+    bad = [k for k, s in stats.items() if not bool(s["finite"])]
+    if bad:
+        raise FloatingPointError(
+            f"block {b}: NaN/Inf in the calibration activations entering {bad}; the "
+            "quantized prefix or the data are broken (nothing was written for this block)"
+        )
+
+
+def _staged_block(cfg, recipe, b, bp, X, X_ref, positions, bs, mesh):
+    """D²Quant's order inside a block: (input-norm DAC), attention, post-attention DAC, then the
+    MLP from a second statistics pass through the quantized attention (DSQ on down_proj).
+
+    The DAC reference path is the fp block on the same input (``same_input``) or on the fp
+    model's own activations (``fp_prefix``, ``X_ref``)."""
+    dac = recipe.dac
+    fp_bp = bp
+    ref_x = X_ref if X_ref is not None else X
+    reports: list[LayerReport] = []
+
+    def correct(bp, norm, key):
+        t0 = time.perf_counter()
+        (mu, rms), = block_mean_shift(cfg, fp_bp, ref_x, bp, X, positions, batch_size=bs,
+                                      keys=(key,)).values()
+        if not bool(jnp.all(jnp.isfinite(mu))):
+            raise FloatingPointError(f"block {b}: the DAC mean shift at {norm} is not finite")
+        rel = float(jnp.sqrt(jnp.mean(mu * mu)) / jnp.maximum(rms, 1e-30))
+        reports.append(LayerReport(f"layers/{b}/{norm}", "dac", None, rel,
+                                   time.perf_counter() - t0))
+        return _add_norm_bias(bp, norm, mu)
+
+    if dac and "input_layernorm" in dac["norms"]:
+        bp = correct(bp, "input_layernorm", "self_attn/q_proj")
+    stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh, which=ATTN_STATS)
+    _check_stats(stats, b)
+    bp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
+    reports.extend(rep)
+    del stats
+    if dac and "post_attention_layernorm" in dac["norms"]:
+        bp = correct(bp, "post_attention_layernorm", "mlp/gate_proj")
+    stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh, which=MLP_STATS)
+    _check_stats(stats, b)
+    bp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
+    reports.extend(rep)
+    # report in the block's linear order, DAC rows where they act
+    order = {f"layers/{b}/{n}": i for i, n in enumerate(
+        ["input_layernorm", *LINEARS[:4], "post_attention_layernorm", *LINEARS[4:]])}
+    reports.sort(key=lambda r: order.get(r.layer, 99))
     return bp, reports
 
 
@@ -328,7 +415,8 @@ def calibrate(
     reports: list[LayerReport] = []
     start = 0
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    X = None
+    X = X_ref = None
+    need_ref = bool(recipe.dac) and recipe.dac["reference"] == "fp_prefix"
     prog_dir = state_path = None
     if out_dir is not None:
         out_dir = os.path.abspath(os.fspath(out_dir))
@@ -345,6 +433,9 @@ def calibrate(
             start = int(state["next_block"])
             blocks = [load_tree(os.path.join(prog_dir, f"block_{b:04d}")) for b in range(start)]
             X = jnp.asarray(np.load(os.path.join(prog_dir, "acts.npy"), allow_pickle=False))
+            if need_ref:
+                X_ref = jnp.asarray(np.load(os.path.join(prog_dir, "acts_ref.npy"),
+                                            allow_pickle=False))
             reports = [LayerReport(**r) for r in state["report"]]
             log.info("resuming at block %d of %d", start, cfg.num_layers)
         elif os.path.isfile(os.path.join(out_dir, "jaxquant.json")):
@@ -354,19 +445,25 @@ def calibrate(
     if X is None:
         X = embed(top, jnp.asarray(tokens))
 
+    if X_ref is None and need_ref:
+        # block 0: the fp and the quantized paths start from the same embeddings (a copy:
+        # propagation donates its input buffer)
+        X_ref = jnp.array(X, copy=True)
+
     bar = tqdm(range(start, cfg.num_layers), desc="calibrate", unit="block",
                disable=not progress, initial=start, total=cfg.num_layers)
     for b in bar:
         bp = jax.tree.map(jnp.asarray, block_params_from_source(cfg, src, b, np.float32))
-        stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh)
-        bad = [k for k, s in stats.items() if not bool(s["finite"])]
-        if bad:
-            raise FloatingPointError(
-                f"block {b}: NaN/Inf in the calibration activations entering {bad}; the "
-                "quantized prefix or the data are broken (nothing was written for this block)"
-            )
-        qbp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
-        del bp, stats
+        if recipe.staged:
+            qbp, rep = _staged_block(cfg, recipe, b, bp, X, X_ref, positions, bs, mesh)
+        else:
+            stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh)
+            _check_stats(stats, b)
+            qbp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
+            del stats
+        if need_ref:  # the fp model's own activations, for DAC's fp_prefix reference
+            X_ref = _propagate(cfg, bp, X_ref, positions, bs)
+        del bp
         X = _propagate(cfg, qbp, X, positions, bs)
         if not bool(jnp.all(jnp.isfinite(X))):
             raise FloatingPointError(f"block {b}: quantized block produced NaN/Inf activations")
@@ -374,9 +471,12 @@ def calibrate(
         reports.extend(rep)
         if prog_dir is not None:
             save_tree(os.path.join(prog_dir, f"block_{b:04d}"), qbp)
-            tmp = os.path.join(prog_dir, "acts.tmp.npy")
-            np.save(tmp, np.asarray(X))
-            os.replace(tmp, os.path.join(prog_dir, "acts.npy"))
+            for name, arr in (("acts", X), ("acts_ref", X_ref)):
+                if arr is None:
+                    continue
+                tmp = os.path.join(prog_dir, f"{name}.tmp.npy")
+                np.save(tmp, np.asarray(arr))
+                os.replace(tmp, os.path.join(prog_dir, f"{name}.npy"))
             _write_json_atomic(state_path, {
                 "next_block": b + 1, "fingerprints": fps,
                 "report": [dataclasses.asdict(r) for r in reports]})

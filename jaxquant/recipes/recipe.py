@@ -26,11 +26,22 @@ ALGORITHMS = {
     "none": {},
     "rtn": {},
     "gptq": {"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
+    # D²Quant's dual-scale quantizer (down_proj only; its s^c folds into up_proj's scales)
+    "dsq": {"iters": 5, "init": "ones", "requant": "gptq", "ls": "full", "monotone": True,
+            "blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
     "awq": {"n_grid": 20, "search_tokens": 4096, "clip_search": True, "clip_grid": 20,
             "max_shrink": 0.5, "clip_tokens": 512},
 }
 _RULE_KEYS = {"pattern", "algorithm", "spec", "options"}
-_RECIPE_KEYS = {"name", "description", "rules", "calibration"}
+_RECIPE_KEYS = {"name", "description", "rules", "calibration", "sequential", "dac"}
+# how a block is calibrated: "block" = one statistics pass on the fp block for all its linears;
+# "attn_mlp" = attention first, then (DAC and) a second pass for the MLP inputs through the
+# quantized attention (D²Quant's order).
+SEQUENTIAL = ("block", "attn_mlp")
+# D²Quant's deviation-aware correction (a bias in RMSNorms)
+_DAC_KEYS = {"norms": ("post_attention_layernorm",), "reference": "same_input"}
+DAC_NORMS = ("input_layernorm", "post_attention_layernorm")
+DAC_REFERENCES = ("same_input", "fp_prefix")
 _CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0}
 _SPEC_KEYS = {f.name for f in dataclasses.fields(QuantSpec)}
 RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "recipes")
@@ -62,6 +73,20 @@ class Recipe:
     calibration: tuple[tuple[str, Any], ...] = ()
     description: str = ""
     source: str = "<dict>"
+    sequential: str = "block"
+    dac_options: tuple[tuple[str, Any], ...] | None = None  # None: no DAC
+
+    @property
+    def dac(self) -> dict | None:
+        """DAC settings (``norms``, ``reference``) or None when the recipe has no DAC."""
+        if self.dac_options is None:
+            return None
+        return {**_DAC_KEYS, **dict(self.dac_options)}
+
+    @property
+    def staged(self) -> bool:
+        """Attention before MLP inside a block (a second statistics pass)."""
+        return self.sequential == "attn_mlp"
 
     def match(self, path: str) -> Rule | None:
         """The first rule whose pattern fully matches ``path`` (None: keep fp)."""
@@ -94,6 +119,9 @@ class Recipe:
                 for r in self.rules
             ],
             "calibration": dict(self.calibration),
+            "sequential": self.sequential,
+            "dac": None if self.dac_options is None else
+            {k: list(v) if isinstance(v, tuple) else v for k, v in self.dac_options},
         }
 
     def fingerprint(self) -> str:
@@ -101,7 +129,8 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        return any(r.algorithm in ("gptq", "awq") for r in self.rules)
+        return self.dac_options is not None or any(
+            r.algorithm in ("gptq", "awq", "dsq") for r in self.rules)
 
 
 def _unknown(keys, allowed, where: str) -> None:
@@ -143,11 +172,60 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
                 spec = QuantSpec(**s)
             except ValueError as e:
                 raise RecipeError(f"{where}.spec: {e}") from None
+        if algo == "dsq":
+            _check_dsq(opts, spec, where)
         rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items()))))
     calib = d.get("calibration") or {}
     _unknown(calib, _CALIB_KEYS, f"{source}: calibration")
+    dac = d.get("dac")
+    dac_opts = None
+    if dac is not None and dac is not False:
+        if dac is True:
+            dac = {}
+        if not isinstance(dac, dict):
+            raise RecipeError(f"{source}: dac must be a mapping (or true), got {dac!r}")
+        _unknown(dac, _DAC_KEYS, f"{source}: dac")
+        dac = {**_DAC_KEYS, **dac}
+        norms = dac["norms"]
+        if isinstance(norms, str):
+            norms = [norms]
+        if not norms or any(n not in DAC_NORMS for n in norms):
+            raise RecipeError(f"{source}: dac.norms must be a non-empty list of {DAC_NORMS}, "
+                              f"got {dac['norms']!r}")
+        if dac["reference"] not in DAC_REFERENCES:
+            raise RecipeError(f"{source}: dac.reference must be one of {DAC_REFERENCES}, "
+                              f"got {dac['reference']!r}")
+        if "input_layernorm" in norms and dac["reference"] == "same_input":
+            raise RecipeError(
+                f"{source}: dac.norms includes input_layernorm, which needs "
+                "dac.reference: fp_prefix (with the same input, the fp and quantized paths "
+                "agree at the input norm, so its mean shift is zero)")
+        dac_opts = (("norms", tuple(n for n in DAC_NORMS if n in norms)),
+                    ("reference", dac["reference"]))
+    sequential = d.get("sequential", "attn_mlp" if dac_opts is not None else "block")
+    if sequential not in SEQUENTIAL:
+        raise RecipeError(f"{source}: sequential must be one of {SEQUENTIAL}, got "
+                          f"{sequential!r}")
+    if dac_opts is not None and sequential != "attn_mlp":
+        raise RecipeError(f"{source}: dac needs sequential: attn_mlp (the MLP must see the "
+                          "corrected outputs of the quantized attention)")
     return Recipe(d.get("name", os.path.basename(source)), tuple(rules),
-                  tuple(sorted(calib.items())), d.get("description", ""), source)
+                  tuple(sorted(calib.items())), d.get("description", ""), source,
+                  sequential, dac_opts)
+
+
+def _check_dsq(opts: dict, spec: QuantSpec, where: str) -> None:
+    from jaxquant.algorithms.d2quant import DSQ_INITS, DSQ_LS, DSQ_REQUANT
+
+    for key, allowed in (("init", DSQ_INITS), ("requant", DSQ_REQUANT), ("ls", DSQ_LS)):
+        if key in opts and opts[key] not in allowed:
+            raise RecipeError(f"{where}.options.{key}: must be one of {allowed}, "
+                              f"got {opts[key]!r}")
+    if "iters" in opts and (not isinstance(opts["iters"], int) or opts["iters"] < 0):
+        raise RecipeError(f"{where}.options.iters: must be an integer >= 0, got {opts['iters']!r}")
+    if spec.per_tensor:
+        raise RecipeError(f"{where}.spec: dsq needs group-wise or per-channel scales, not "
+                          "per_tensor")
 
 
 def load_recipe(name_or_path: str | os.PathLike | dict) -> Recipe:

@@ -11,7 +11,6 @@ import jaxquant as jq
 from jaxquant.algorithms.d2quant import (
     dsq,
     dsq_dequantize,
-    dsq_objective,
     dsq_scale_step,
     fold_channel_scale,
     mean_shift,
@@ -104,8 +103,8 @@ def test_dsq_output_error_below_gptq(bits):
 
 @pytest.mark.parametrize("scale_dtype", ["float32"])
 def test_fold_into_up_proj_is_exact(scale_dtype):
-    """With the codes fixed, silu(x Wg) ⊙ (x Ŵ_up·diag(s)) · U_down equals the unfolded
-    dequantized MLP silu(x Wg) ⊙ (x Ŵ_up) · diag(s) U_down (a numpy float64 oracle)."""
+    """With the codes fixed, silu(x Wg) ⊙ (x Ŵ_up diag(s)) U_down equals the unfolded
+    dequantized MLP, silu(x Wg) ⊙ (x Ŵ_up) diag(s) U_down (numpy float64 oracle)."""
     rng = np.random.default_rng(3)
     d, f = 64, 96
     x = rng.standard_normal((40, d)).astype(np.float32)
