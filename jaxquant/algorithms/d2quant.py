@@ -21,6 +21,11 @@ Alternating optimisation, ``iters`` rounds of
       tiny ``λ`` keeps the system well posed (dead channels keep their scale) and makes the step
       provably non-increasing. ``ls="diag"`` is the per-channel closed form
       ``s_i = ⟨W_i, U_i⟩ / ⟨U_i, U_i⟩`` that ignores cross-channel correlations.
+  (a') the ``S`` step (``refit_scales=True``, default), codes and ``s^c`` fixed: f is also a
+      convex quadratic in the group scales ``S``, solved per output column in closed form
+      (:func:`dsq_group_scale_step`). The paper alternates "the two scales" without giving the
+      update of ``S``; on SmolLM2's down_proj layers this step is where most of the gain over
+      GPTQ comes from (the ``s^c`` step alone: ~1% lower layer error at W3, with it: ~4%).
   (b) the requantization step, ``s^c`` fixed: quantize ``W_s = W / s^c`` again, with GPTQ on the
       activation-scaled Hessian ``H_s = diag(s^c) H diag(s^c)`` (the Hessian of ``W_s``'s input
       ``X diag(s^c)``; default) or with RTN. GPTQ is a greedy solver, so this step can raise f; with
@@ -103,6 +108,34 @@ def dsq_scale_step(
     return jnp.where(ok, s, s_prev)
 
 
+def dsq_group_scale_step(
+    W: jax.Array, s: jax.Array, C: jax.Array, H: jax.Array, S_prev: jax.Array, group_size: int,
+    *, prox: float = 1e-6,
+) -> jax.Array:
+    """The closed-form least-squares update of the group scales ``S`` ``[G, N]`` with the codes
+    (``C = Q − Z``, ``[K, N]``) and ``s^c`` fixed.
+
+    Column ``o`` of ``diag(s) U`` is linear in ``S[:, o]``: ``(diag(s) U)[i, o] = s_i C[i, o]
+    S[g(i), o]``, so each column solves a ``G x G`` system
+    ``A_o S[:, o] = r_o``, ``A_o[g, h] = Σ_{i∈g, j∈h} H_ij C̃_io C̃_jo``, ``r_o[g] = Σ_{i∈g} C̃_io
+    (H W)_io`` with ``C̃ = diag(s) C`` (plus the same proximal term as the ``s^c`` step). The
+    integer codes and zero points are untouched, so the stored format does not change.
+    """
+    k, n = W.shape
+    gs = k if group_size == -1 else group_size
+    g = k // gs
+    H = H.astype(jnp.float32)
+    Ct = (s[:, None] * C).reshape(g, gs, n)
+    A = jnp.einsum("gahb,gao,hbo->ogh", H.reshape(g, gs, g, gs), Ct, Ct)
+    r = jnp.einsum("gao,gao->og", Ct, (H @ W.astype(jnp.float32)).reshape(g, gs, n))
+    lam = prox * jnp.maximum(jnp.mean(jnp.diagonal(A, axis1=1, axis2=2), axis=1), 1e-30)
+    eye = jnp.eye(g, dtype=jnp.float32)
+    S = jnp.linalg.solve(A + lam[:, None, None] * eye[None],
+                         (r + lam[:, None] * S_prev.T.astype(jnp.float32))[..., None])[..., 0].T
+    ok = jnp.isfinite(S) & (S > 0)
+    return jnp.where(ok, S, S_prev.astype(jnp.float32))
+
+
 def dsq_init(W: jax.Array, init: str) -> jax.Array:
     """The initial ``s^c`` ``[K]``."""
     k = W.shape[0]
@@ -129,14 +162,14 @@ def _requantize(W, H, s, *, spec, requant, blocksize, damp, act_order, static_gr
         S, Z = compute_scale_zero(Ws, spec)
         Q = quantize_codes(_grouped(Ws, spec), S, Z, spec).reshape(Ws.shape)
     U = dequantize_codes(_grouped(Q, spec), S, Z).reshape(Ws.shape)
-    return Q, S, Z, U
+    return Q, S.astype(jnp.float32), Z, U
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "spec", "iters", "init", "requant", "ls", "monotone", "blocksize", "damp", "act_order",
-    "static_groups"))
-def _dsq_core(W, H, *, spec, iters, init, requant, ls, monotone, blocksize, damp, act_order,
-              static_groups):
+    "spec", "iters", "init", "requant", "ls", "refit_scales", "monotone", "blocksize", "damp",
+    "act_order", "static_groups"))
+def _dsq_core(W, H, *, spec, iters, init, requant, ls, refit_scales, monotone, blocksize, damp,
+              act_order, static_groups):
     W = W.astype(jnp.float32)
     H = H.astype(jnp.float32)
     dead = jnp.diag(H) == 0
@@ -155,12 +188,24 @@ def _dsq_core(W, H, *, spec, iters, init, requant, ls, monotone, blocksize, damp
         take_s = f_s <= f if monotone else jnp.asarray(True)
         s = jnp.where(take_s, s_new, s)
         f_s = jnp.where(take_s, f_s, f)
+        steps = [f_s]
+        if refit_scales:  # the other scale of the pair: S given the codes and s^c
+            C = (_grouped(Q, spec) - jnp.expand_dims(Z, -2)).reshape(Q.shape)
+            S_new = dsq_group_scale_step(W, s, C, H, S, spec.group_size).astype(
+                spec.jnp_scale_dtype).astype(jnp.float32)
+            U_new = dequantize_codes(_grouped(Q, spec), S_new, Z).reshape(Q.shape)
+            f_S = dsq_objective(W, s, U_new, H)
+            take_S = f_S <= f_s if monotone else jnp.asarray(True)
+            S = jnp.where(take_S, S_new, S)
+            U = jnp.where(take_S, U_new, U)
+            f_s = jnp.where(take_S, f_S, f_s)
+            steps.append(f_s)
         Q2, S2, Z2, U2 = rq(W, H, s)
         f_q = dsq_objective(W, s, U2, H)
         take = f_q <= f_s if monotone else jnp.asarray(True)
         pick = lambda a, b: jnp.where(take, a, b)  # noqa: E731
         state = (s, pick(Q2, Q), pick(S2, S), pick(Z2, Z), pick(U2, U), pick(f_q, f_s))
-        return state, jnp.stack([f_s, pick(f_q, f_s)])
+        return state, jnp.stack([*steps, pick(f_q, f_s)])
 
     (s, Q, S, Z, _, _), hist = jax.lax.scan(one_round, (s, Q, S, Z, U, f0), None, length=iters)
     history = jnp.concatenate([f0[None], hist.reshape(-1)])
@@ -176,6 +221,7 @@ def dsq(
     init: Literal["ones", "wmax"] = "ones",
     requant: Literal["gptq", "rtn"] = "gptq",
     ls: Literal["full", "diag"] = "full",
+    refit_scales: bool = True,
     monotone: bool = True,
     blocksize: int = 128,
     damp: float = 0.01,
@@ -188,8 +234,9 @@ def dsq(
     Returns:
       ``(qa, s_c, info)``: ``qa`` quantizes ``w / s_c`` (fold ``s_c`` into ``up_proj`` with
       :func:`fold_channel_scale`, or use :func:`dsq_dequantize`); ``s_c`` ``[K]`` float32; ``info``
-      holds ``history``, the objective after the initial quantization and after every half-step
-      (``2 · iters + 1`` values), and ``rel_error`` ``sqrt(f / ‖XW‖²)``.
+      holds ``history``, the objective after the initial quantization and after every step of
+      every round (``s^c``, ``S`` when ``refit_scales``, requantization: ``3 · iters + 1`` or
+      ``2 · iters + 1`` values), and ``rel_error`` ``sqrt(f / ‖XW‖²)``.
     """
     if w.ndim != 2:
         raise ValueError(f"dsq expects one weight matrix [K, N], got shape {tuple(w.shape)}")
@@ -207,7 +254,8 @@ def dsq(
         if val not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {val!r}")
     Q, S, Z, s, hist = _dsq_core(
-        w, H, spec=spec, iters=iters, init=init, requant=requant, ls=ls, monotone=monotone,
+        w, H, spec=spec, iters=iters, init=init, requant=requant, ls=ls,
+        refit_scales=refit_scales, monotone=monotone,
         blocksize=blocksize, damp=damp, act_order=act_order, static_groups=static_groups)
     w32 = w.astype(jnp.float32)
     ref = jnp.sum(w32 * (H.astype(jnp.float32) @ w32))

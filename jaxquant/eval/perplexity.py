@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -133,28 +134,35 @@ def kl_divergence(
 ) -> dict:
     """Mean over predicted positions of ``KL(p_ref || p)`` of the next-token distributions.
 
+    The same pass also scores both models on the windows' next tokens, so a comparison needs one
+    forward of each model.
+
     Returns:
-      ``{"kl" (nats/token), "tokens", "seconds"}``.
+      ``{"kl" (nats/token), "ppl" (of ``logits_fn``'s model), "ppl_ref", "tokens", "seconds"}``.
     """
     w = _check_windows(windows, None)
 
-    def kl_sum(ref, lg):
+    def kl_sum(ref, lg, t):
         lp_ref = jax.nn.log_softmax(ref[:, :-1].astype(jnp.float32), axis=-1)
         lp = jax.nn.log_softmax(lg[:, :-1].astype(jnp.float32), axis=-1)
         kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp), axis=-1)
-        return jnp.sum(kl), jnp.asarray(kl.size, jnp.float32)
+        tgt = t[:, 1:, None]
+        nll = -jnp.take_along_axis(lp, tgt, axis=-1)
+        nll_ref = -jnp.take_along_axis(lp_ref, tgt, axis=-1)
+        return jnp.stack([jnp.sum(kl), jnp.sum(nll), jnp.sum(nll_ref),
+                          jnp.asarray(kl.size, jnp.float32)])
 
     if isinstance(ref_logits_fn, ModelFn) and isinstance(logits_fn, ModelFn):
-        both = jax.jit(lambda pr, p, t: kl_sum(ref_logits_fn.apply(pr, t), logits_fn.apply(p, t)))
+        both = jax.jit(lambda pr, p, t: kl_sum(ref_logits_fn.apply(pr, t), logits_fn.apply(p, t),
+                                               t))
         fused = lambda t: both(ref_logits_fn.params, logits_fn.params, t)  # noqa: E731
     else:
         jk = jax.jit(kl_sum)
-        fused = lambda t: jk(ref_logits_fn(t), logits_fn(t))  # noqa: E731
-    total, count = 0.0, 0.0
+        fused = lambda t: jk(ref_logits_fn(t), logits_fn(t), t)  # noqa: E731
+    acc = np.zeros(4, np.float64)
     t0 = time.perf_counter()
     for batch in tqdm(list(_batches(w, batch_size)), desc="kl", unit="batch", disable=not progress):
-        tb = jnp.asarray(batch)
-        s, c = fused(tb)
-        total += float(s)
-        count += float(c)
-    return {"kl": total / count, "tokens": int(count), "seconds": time.perf_counter() - t0}
+        acc += np.asarray(fused(jnp.asarray(batch)), np.float64)
+    kl, nll, nll_ref, count = acc
+    return {"kl": kl / count, "ppl": math.exp(nll / count), "ppl_ref": math.exp(nll_ref / count),
+            "tokens": int(count), "seconds": time.perf_counter() - t0}

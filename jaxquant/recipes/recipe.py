@@ -27,7 +27,8 @@ ALGORITHMS = {
     "rtn": {},
     "gptq": {"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
     # D²Quant's dual-scale quantizer (down_proj only; its s^c folds into up_proj's scales)
-    "dsq": {"iters": 5, "init": "ones", "requant": "gptq", "ls": "full", "monotone": True,
+    "dsq": {"iters": 5, "init": "ones", "requant": "gptq", "ls": "full", "refit_scales": True,
+            "monotone": True,
             "blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
     "awq": {"n_grid": 20, "search_tokens": 4096, "clip_search": True, "clip_grid": 20,
             "max_shrink": 0.5, "clip_tokens": 512},

@@ -11,6 +11,7 @@ import jaxquant as jq
 from jaxquant.algorithms.d2quant import (
     dsq,
     dsq_dequantize,
+    dsq_group_scale_step,
     dsq_scale_step,
     fold_channel_scale,
     mean_shift,
@@ -66,7 +67,7 @@ def test_alternating_objective_never_increases(bits, requant, init):
     spec = jq.QuantSpec(bits=bits, group_size=32)
     qa, s, info = dsq(jnp.asarray(W), H, spec, iters=4, init=init, requant=requant)
     hist = np.asarray(info["history"], np.float64)
-    assert hist.shape == (9,)
+    assert hist.shape == (13,)  # f0, then (s^c, S, requant) x 4
     assert np.all(np.diff(hist) <= 1e-6 * hist[0]), hist
     # the recorded value is the objective of what is returned (float64 recomputation)
     U = np.asarray(dequantize(qa, dtype=jnp.float32))
@@ -80,9 +81,29 @@ def test_least_squares_half_steps_decrease_without_the_safeguard():
     _, _, info = dsq(jnp.asarray(W), H, jq.QuantSpec(bits=2, group_size=32), iters=5,
                      requant="rtn", monotone=False)
     h = np.asarray(info["history"], np.float64)
-    # history = [f0, s-step 1, requant 1, s-step 2, ...]: each s-step is an exact minimisation
-    for i in range(1, len(h), 2):
-        assert h[i] <= h[i - 1] * (1 + 1e-5), (i, h)
+    # history = [f0, (s-step, S-step, requant) x 5]: the s- and S-steps are exact minimisations
+    for r in range(5):
+        for i in (3 * r + 1, 3 * r + 2):
+            assert h[i] <= h[i - 1] * (1 + 1e-5), (i, h)
+
+
+def test_group_scale_step_solves_the_least_squares_problem():
+    X, W = _problem(k=64, n=8, seed=4)
+    H = X.T @ X
+    spec = jq.QuantSpec(bits=2, group_size=16)
+    qa = jq.quantize(jnp.asarray(W), spec)
+    C = np.asarray(qa.codes(), np.float64) - np.repeat(np.asarray(qa.zero_point()), 16, axis=0)
+    s = np.exp(0.2 * np.random.default_rng(0).standard_normal(64))
+    S = np.asarray(dsq_group_scale_step(jnp.asarray(W), jnp.asarray(s, jnp.float32),
+                                        jnp.asarray(C, jnp.float32), jnp.asarray(H),
+                                        qa.scale, 16, prox=1e-9))
+    # numpy oracle per output column: min_S ||X (w_o - diag(s) (C_o ⊙ S[g(i), o]))||
+    Xd = X.astype(np.float64)
+    for o in range(8):
+        design = np.stack([Xd[:, g * 16:(g + 1) * 16] @ (s * C[:, o])[g * 16:(g + 1) * 16]
+                           for g in range(4)], axis=1)
+        ref = np.linalg.lstsq(design, Xd @ W[:, o].astype(np.float64), rcond=None)[0]
+        np.testing.assert_allclose(S[:, o], ref, rtol=2e-3)
 
 
 @pytest.mark.parametrize("bits", [2, 3])

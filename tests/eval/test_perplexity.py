@@ -44,6 +44,10 @@ def test_kl_is_zero_to_itself_and_matches_numpy(tiny):
     q = np.asarray(jax.nn.log_softmax(fn2(windows)[:, :-1], -1), np.float64)
     ref = np.mean(np.sum(np.exp(p) * (p - q), -1))
     assert r["kl"] > 0 and abs(r["kl"] - ref) < 1e-5 * max(1.0, ref)
+    # the same pass scores both models exactly as perplexity() does
+    for f, key in ((fn2, "ppl"), (fn, "ppl_ref")):
+        want = jeval.perplexity(f, windows, progress=False)["ppl"]
+        assert abs(r[key] - want) / want < 1e-5
 
 
 def test_bad_windows():

@@ -1,0 +1,158 @@
+"""D²Quant on SmolLM2-135M (protocol: ../shared/docs/protocol.md): GPTQ, GPTQ+DSQ, GPTQ+DAC,
+D²Quant (both) and AWQ at W2g64 and W3g64. PPL on the 64x512 quick-eval windows, KL(fp || q) on
+the same windows (one fused pass), calibration wall seconds and peak RSS. Each scheme runs in its
+own process, one after another.
+
+    JAXQUANT_DATA=../shared/data .venv/bin/python benchmarks/bench_d2quant.py \\
+        --bits 3,2 --variants gptq,dsq,dac,d2quant,awq
+
+The ablations are derived from the shipped recipe ``d2quant_w{b}_g64`` by switching one component
+off, so every other choice (act-order, damp, block order attention -> MLP) is identical:
+``gptq`` = DSQ -> GPTQ on down_proj and no DAC; ``dsq`` = no DAC; ``dac`` = GPTQ on down_proj.
+``awq`` is the shipped ``awq_w{b}_g64``. Writes ``benchmarks/results/d2quant_<date>.json`` and a
+plot ``benchmarks/results/d2quant.png``, and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {"gptq": "GPTQ", "dsq": "GPTQ+DSQ", "dac": "GPTQ+DAC", "d2quant": "D²Quant",
+            "awq": "AWQ"}
+
+
+def variant_recipe(variant: str, bits: int) -> dict:
+    from jaxquant.recipes import load_recipe
+
+    if variant == "awq":
+        return load_recipe(f"awq_w{bits}_g64").to_dict()
+    d = load_recipe(f"d2quant_w{bits}_g64").to_dict()
+    d["name"] = f"{variant}_w{bits}_g64"
+    if variant in ("gptq", "dsq"):
+        d["dac"] = None
+    if variant in ("gptq", "dac"):
+        gptq_rule = next(r for r in d["rules"] if r["algorithm"] == "gptq")
+        d["rules"] = [gptq_rule]
+    if d["dac"] is None:
+        del d["dac"]
+    return d
+
+
+def run_one(variant: str, bits: int, windows: int) -> dict:
+    from jaxquant import data as jdata
+    from jaxquant import eval as jeval
+    from jaxquant import models
+    from jaxquant.calibration.driver import calibrate
+    from jaxquant.models.assets import resolve_model_path
+    from jaxquant.recipes import load_recipe
+
+    d = jdata.data_dir()
+    if d is None:
+        raise SystemExit("set $JAXQUANT_DATA to the protocol data directory")
+    path = resolve_model_path("smollm2-135m")
+    calib = np.load(os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
+    recipe = load_recipe(variant_recipe(variant, bits))
+    t0 = time.perf_counter()
+    res = calibrate(path, recipe, calib, progress=False)
+    secs = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del calib
+    fp = models.load(path)
+    w = np.load(os.path.join(d, "smollm2_wikitext2_test_eval_64x512.npy"))[:windows]
+    r = jeval.kl_divergence(jeval.model_logits_fn(fp.config, fp.params),
+                            jeval.model_logits_fn(res.config, res.params), w, batch_size=1,
+                            progress=False)
+    layers = {}
+    for rep in res.report:
+        kind = rep.layer.split("/", 2)[2]
+        layers.setdefault(kind, []).append(rep.rel_error)
+    return {"variant": variant, "bits": bits, "group": 64, "calib_seconds": round(secs, 1),
+            "peak_rss_mib": round(rss, 1), "ppl": r["ppl"], "kl": r["kl"],
+            "ppl_fp": r["ppl_ref"], "windows": windows,
+            "mean_rel_error": {k: float(np.mean(v)) for k, v in layers.items()},
+            "rel_error_by_block": {k: [float(x) for x in v] for k, v in layers.items()}}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, 2 * len(bits), figsize=(5 * 2 * len(bits), 4))
+    for j, b in enumerate(bits):
+        rs = [r for r in rows if r["bits"] == b]
+        names = [VARIANTS[r["variant"]] for r in rs]
+        for ax, key, label in ((axes[2 * j], "ppl", "PPL (64x512)"),
+                               (axes[2 * j + 1], "kl", "KL(fp || q), nats/token")):
+            ax.bar(names, [r[key] for r in rs],
+                   color=["#d62728" if r["variant"] == "d2quant" else "#7f7f7f" for r in rs])
+            ax.set_title(f"SmolLM2-135M W{b}g64: {label}")
+            ax.tick_params(axis="x", rotation=30)
+            if key == "ppl":
+                ax.axhline(rs[0]["ppl_fp"], ls="--", c="k", lw=0.8, label="fp")
+                ax.set_yscale("log")
+                ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| scheme | method | PPL | KL(fp‖q) | calib s | peak RSS MiB | down_proj rel err "
+           "(mean) | post-attn mean shift ‖μ‖/rms (mean) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        me = r["mean_rel_error"]
+        shift = me.get("post_attention_layernorm")
+        out.append(f"| W{r['bits']}g64 | {VARIANTS[r['variant']]} | {r['ppl']:,.2f} | "
+                   f"{r['kl']:.4f} | {r['calib_seconds']:.0f} | {r['peak_rss_mib']:.0f} | "
+                   f"{me.get('mlp/down_proj', float('nan')):.4f} | "
+                   f"{'-' if shift is None else f'{shift:.4f}'} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="3,2")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--one", action="store_true", help="run a single variant in this process")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.variants, int(args.bits), args.windows)))
+        return
+    rows = []
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(HERE, "results", f"d2quant_{date}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    for b in [int(x) for x in args.bits.split(",")]:
+        for v in args.variants.split(","):
+            cmd = [sys.executable, __file__, "--one", "--bits", str(b), "--variants", v,
+                   "--windows", str(args.windows)]
+            print(f"# {VARIANTS[v]} W{b}g64 ...", file=sys.stderr, flush=True)
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode:
+                print(p.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{v} W{b} failed")
+            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            with open(out, "w") as f:  # partial results survive an interruption
+                json.dump({"date": date, "rows": rows}, f, indent=1)
+    plot(rows, os.path.join(os.path.dirname(out), "d2quant.png"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
