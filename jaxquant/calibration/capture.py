@@ -121,52 +121,6 @@ def block_stats_all(cfg: DecoderConfig, block_params, x, positions, *, batch_siz
     return stats
 
 
-def _shift_sums(cfg, ref_params, x_ref, q_params, x, positions, keys):
-    """Per key: ``Σ_t (ref input − quantized input)`` and ``Σ_t ‖ref input‖²`` over a batch."""
-    _, seen_ref = run_block_capture(cfg, ref_params, x_ref, positions)
-    _, seen_q = run_block_capture(cfg, q_params, x, positions)
-    out = {}
-    for k in keys:
-        a = seen_ref[k].astype(jnp.float32)
-        d = a - seen_q[k].astype(jnp.float32)
-        out[k] = {"sum": jnp.sum(d.reshape(-1, d.shape[-1]), axis=0), "sq": jnp.sum(a * a),
-                  "count": jnp.asarray(a.size // a.shape[-1], jnp.float32)}
-    return out
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _mean_shift_scan(cfg, ref_params, x_ref, q_params, x, positions, batch_size, keys):
-    n, t, d = x.shape
-    r = lambda a: a.reshape(n // batch_size, batch_size, *a.shape[1:])  # noqa: E731
-    xs, xrs, ps = r(x), r(x_ref), r(positions)
-    first = _shift_sums(cfg, ref_params, xrs[0], q_params, xs[0], ps[0], keys)
-
-    def body(acc, a):
-        new = _shift_sums(cfg, ref_params, a[1], q_params, a[0], a[2], keys)
-        return jax.tree.map(jnp.add, acc, new), None
-
-    acc, _ = jax.lax.scan(body, first, (xs[1:], xrs[1:], ps[1:]))
-    return acc
-
-
-def block_mean_shift(cfg: DecoderConfig, ref_params, x_ref, q_params, x, positions, *,
-                     batch_size: int, keys: tuple[str, ...]) -> dict:
-    """D²Quant's DAC measurement: for each linear path in ``keys`` (``"mlp/gate_proj"`` reads the
-    post-attention norm's output, ``"self_attn/q_proj"`` the input norm's), the mean over all
-    tokens of (reference path − quantized path) at that input, ``{key: (mu [D], rms)}`` where
-    ``rms`` is the reference activation's root-mean-square (to judge the shift's size)."""
-    if x.shape[0] % batch_size:
-        batch_size = 1
-    acc = _mean_shift_scan(cfg, ref_params, x_ref, q_params, x, positions, batch_size,
-                           tuple(keys))
-    out = {}
-    for k, a in acc.items():
-        mu = a["sum"] / a["count"]
-        rms = jnp.sqrt(a["sq"] / (a["count"] * mu.shape[0]))
-        out[k] = (mu, rms)
-    return out
-
-
 def block_stats(cfg: DecoderConfig, block_params, x, positions, *, mesh: Mesh | None = None,
                 data_axis: str = "data", which: tuple[str, ...] = ALL_STATS):
     """Per-input statistics of one block for a batch ``x`` ``[B, T, D]``.

@@ -39,16 +39,9 @@ from jaxquant.algorithms.awq import awq_clip, awq_search_scale
 from jaxquant.algorithms.d2quant import dsq, dsq_dequantize, fold_channel_scale
 from jaxquant.algorithms.gptq import gptq
 from jaxquant.algorithms.rtn import rtn
-from jaxquant.calibration.capture import (
-    ATTN_STATS,
-    INPUT_GROUPS,
-    MLP_STATS,
-    STAT_OF,
-    block_mean_shift,
-    block_stats_all,
-    run_block_capture,
-)
+from jaxquant.calibration.capture import INPUT_GROUPS, STAT_OF, block_stats_all, run_block_capture
 from jaxquant.calibration.checkpoint import load_tree, save_tree
+from jaxquant.calibration.staged import staged_block
 from jaxquant.calibration.weight_only import LINEAR_PATHS as LINEARS
 from jaxquant.core.qarray import dequantize, split_columns
 from jaxquant.models.common.config import DecoderConfig
@@ -302,48 +295,6 @@ def _check_stats(stats, b):
         )
 
 
-def _staged_block(cfg, recipe, b, bp, X, X_ref, positions, bs, mesh):
-    """D²Quant's order inside a block: (input-norm DAC), attention, post-attention DAC, then the
-    MLP from a second statistics pass through the quantized attention (DSQ on down_proj).
-
-    The DAC reference path is the fp block on the same input (``same_input``) or on the fp
-    model's own activations (``fp_prefix``, ``X_ref``)."""
-    dac = recipe.dac
-    fp_bp = bp
-    ref_x = X_ref if X_ref is not None else X
-    reports: list[LayerReport] = []
-
-    def correct(bp, norm, key):
-        t0 = time.perf_counter()
-        (mu, rms), = block_mean_shift(cfg, fp_bp, ref_x, bp, X, positions, batch_size=bs,
-                                      keys=(key,)).values()
-        if not bool(jnp.all(jnp.isfinite(mu))):
-            raise FloatingPointError(f"block {b}: the DAC mean shift at {norm} is not finite")
-        rel = float(jnp.sqrt(jnp.mean(mu * mu)) / jnp.maximum(rms, 1e-30))
-        reports.append(LayerReport(f"layers/{b}/{norm}", "dac", None, rel,
-                                   time.perf_counter() - t0))
-        return _add_norm_bias(bp, norm, mu)
-
-    if dac and "input_layernorm" in dac["norms"]:
-        bp = correct(bp, "input_layernorm", "self_attn/q_proj")
-    stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh, which=ATTN_STATS)
-    _check_stats(stats, b)
-    bp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
-    reports.extend(rep)
-    del stats
-    if dac and "post_attention_layernorm" in dac["norms"]:
-        bp = correct(bp, "post_attention_layernorm", "mlp/gate_proj")
-    stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh, which=MLP_STATS)
-    _check_stats(stats, b)
-    bp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
-    reports.extend(rep)
-    # report in the block's linear order, DAC rows where they act
-    order = {f"layers/{b}/{n}": i for i, n in enumerate(
-        ["input_layernorm", *LINEARS[:4], "post_attention_layernorm", *LINEARS[4:]])}
-    reports.sort(key=lambda r: order.get(r.layer, 99))
-    return bp, reports
-
-
 # ---------------------------------------------------------------------------- the driver
 def _progress_paths(out_dir: str) -> tuple[str, str]:
     d = os.path.join(out_dir, PROGRESS_DIR)
@@ -455,16 +406,22 @@ def calibrate(
     for b in bar:
         bp = jax.tree.map(jnp.asarray, block_params_from_source(cfg, src, b, np.float32))
         if recipe.staged:
-            qbp, rep = _staged_block(cfg, recipe, b, bp, X, X_ref, positions, bs, mesh)
+            Xb = X
+            qbp, rep, X, X_ref = staged_block(
+                cfg, recipe, b, bp, Xb, X_ref, positions, bs, mesh,
+                quantize=lambda p, st, b=b, Xb=Xb: _quantize_block(cfg, recipe, b, p, st, Xb,
+                                                                    positions, bs),
+                add_bias=_add_norm_bias, check_stats=lambda st, b=b: _check_stats(st, b),
+                report=lambda norm, rel, secs, b=b: LayerReport(f"layers/{b}/{norm}", "dac",
+                                                                None, rel, secs))
+            del Xb
         else:
             stats = block_stats_all(cfg, bp, X, positions, batch_size=bs, mesh=mesh)
             _check_stats(stats, b)
             qbp, rep = _quantize_block(cfg, recipe, b, bp, stats, X, positions, bs)
             del stats
-        if need_ref:  # the fp model's own activations, for DAC's fp_prefix reference
-            X_ref = _propagate(cfg, bp, X_ref, positions, bs)
+            X = _propagate(cfg, qbp, X, positions, bs)
         del bp
-        X = _propagate(cfg, qbp, X, positions, bs)
         if not bool(jnp.all(jnp.isfinite(X))):
             raise FloatingPointError(f"block {b}: quantized block produced NaN/Inf activations")
         blocks.append(qbp)

@@ -210,3 +210,15 @@ def test_shipped_d2quant_recipes():
         down = r.match("layers/7/mlp/down_proj")
         assert down.algorithm == "dsq" and down.spec.bits == bits
         assert r.match("layers/7/mlp/up_proj").algorithm == "gptq"
+
+
+def test_block_halves_compose_to_the_block(tiny):
+    from jaxquant.models.common.decoder import attn_half, mlp_half
+
+    _, m, tokens = tiny
+    x = embed(m.params, jnp.asarray(tokens[:2]))
+    pos = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2, 64))
+    bp = models.layer_params(m.params, 1)
+    whole = block_apply(m.config, bp, x, pos)
+    halves = mlp_half(m.config, bp, attn_half(m.config, bp, x, pos))
+    np.testing.assert_allclose(np.asarray(halves), np.asarray(whole), atol=1e-6)

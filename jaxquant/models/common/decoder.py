@@ -72,6 +72,34 @@ def block_apply(cfg: DecoderConfig, block_params, x, positions, mask=None, *, ac
     return y
 
 
+def _default_mask(cfg: DecoderConfig, x, positions):
+    idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
+    return attention_mask(idx, idx, None, causal=cfg.causal)
+
+
+def attn_half(cfg: DecoderConfig, block_params, x, positions, mask=None):
+    """The first half of a block: ``r = x + attn(input_layernorm(x))`` (no cache). With
+    :func:`mlp_half`, ``mlp_half(cfg, p, attn_half(cfg, p, x, pos)) == block_apply(cfg, p, x,
+    pos)``; the calibration driver runs the halves separately (attention before MLP)."""
+    if mask is None:
+        mask = _default_mask(cfg, x, positions)
+    h = RMSNorm(cfg.rms_norm_eps, cfg.norm_bias).apply(
+        {"params": block_params["input_layernorm"]}, x)
+    a, _ = Attention(cfg).apply({"params": block_params["self_attn"]}, h, positions, mask)
+    return x + a
+
+
+def post_attn_norm(cfg: DecoderConfig, block_params, r):
+    """``post_attention_layernorm(r)`` (with its bias when the params carry one)."""
+    return RMSNorm(cfg.rms_norm_eps, cfg.norm_bias).apply(
+        {"params": block_params["post_attention_layernorm"]}, r)
+
+
+def mlp_half(cfg: DecoderConfig, block_params, r):
+    """The second half of a block: ``r + mlp(post_attention_layernorm(r))``."""
+    return r + MLP(cfg).apply({"params": block_params["mlp"]}, post_attn_norm(cfg, block_params, r))
+
+
 def layer_params(params, i: int):
     """The parameters of block ``i``: sliced out of the stacked ``params["layers"]``, or item ``i``
     when ``layers`` is a list (blocks with different structures, e.g. mixed precision)."""
