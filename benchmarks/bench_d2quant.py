@@ -28,15 +28,19 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {"gptq": "GPTQ", "dsq": "GPTQ+DSQ", "dac": "GPTQ+DAC", "d2quant": "D²Quant",
-            "awq": "AWQ"}
+            "awq": "AWQ", "gptq_block": "GPTQ (block)", "dacfp": "GPTQ+DAC (fp_prefix)",
+            "d2quantfp": "D²Quant (DAC fp_prefix)"}
 
 
 def variant_recipe(variant: str, bits: int) -> dict:
     from jaxquant.recipes import load_recipe
 
-    if variant == "awq":
-        return load_recipe(f"awq_w{bits}_g64").to_dict()
+    if variant in ("awq", "gptq_block"):
+        return load_recipe(f"{variant.split('_')[0]}_w{bits}_g64").to_dict()
     d = load_recipe(f"d2quant_w{bits}_g64").to_dict()
+    if variant.endswith("fp"):
+        variant = variant[:-2]
+        d["dac"] = {**d["dac"], "reference": "fp_prefix"}
     d["name"] = f"{variant}_w{bits}_g64"
     if variant in ("gptq", "dsq"):
         d["dac"] = None
@@ -72,13 +76,17 @@ def run_one(variant: str, bits: int, windows: int) -> dict:
     r = jeval.kl_divergence(jeval.model_logits_fn(fp.config, fp.params),
                             jeval.model_logits_fn(res.config, res.params), w, batch_size=1,
                             progress=False)
+    # held-out validation windows: what settings may be chosen on (never the test windows)
+    held = jdata.heldout_windows(fp.tokenizer, 16, 512)
+    v = jeval.perplexity(jeval.model_logits_fn(res.config, res.params), held, batch_size=1,
+                         progress=False)
     layers = {}
     for rep in res.report:
         kind = rep.layer.split("/", 2)[2]
         layers.setdefault(kind, []).append(rep.rel_error)
     return {"variant": variant, "bits": bits, "group": 64, "calib_seconds": round(secs, 1),
             "peak_rss_mib": round(rss, 1), "ppl": r["ppl"], "kl": r["kl"],
-            "ppl_fp": r["ppl_ref"], "windows": windows,
+            "ppl_fp": r["ppl_ref"], "windows": windows, "ppl_heldout_valid": v["ppl"],
             "mean_rel_error": {k: float(np.mean(v)) for k, v in layers.items()},
             "rel_error_by_block": {k: [float(x) for x in v] for k, v in layers.items()}}
 
@@ -109,14 +117,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| scheme | method | PPL | KL(fp‖q) | calib s | peak RSS MiB | down_proj rel err "
-           "(mean) | post-attn mean shift ‖μ‖/rms (mean) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| scheme | method | PPL | KL(fp‖q) | held-out valid PPL | calib s | peak RSS MiB | "
+           "down_proj rel err (mean) | post-attn mean shift ‖μ‖/rms (mean) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         me = r["mean_rel_error"]
         shift = me.get("post_attention_layernorm")
         out.append(f"| W{r['bits']}g64 | {VARIANTS[r['variant']]} | {r['ppl']:,.2f} | "
-                   f"{r['kl']:.4f} | {r['calib_seconds']:.0f} | {r['peak_rss_mib']:.0f} | "
+                   f"{r['kl']:.4f} | {r.get('ppl_heldout_valid', float('nan')):,.2f} | "
+                   f"{r['calib_seconds']:.0f} | {r['peak_rss_mib']:.0f} | "
                    f"{me.get('mlp/down_proj', float('nan')):.4f} | "
                    f"{'-' if shift is None else f'{shift:.4f}'} |")
     return "\n".join(out)

@@ -87,3 +87,21 @@ def calib_windows(tokenizer, n: int = 32, seqlen: int = 512, *, seed: int = 0,
         raise ValueError(f"calibration text has {len(tokens)} tokens, need more than {seqlen}")
     starts = np.random.default_rng(seed).integers(0, len(tokens) - seqlen, size=n)
     return np.stack([tokens[s : s + seqlen] for s in starts]).astype(np.int32)
+
+
+def heldout_windows(tokenizer, n: int = 16, seqlen: int = 512, *, calib_n: int = 32,
+                    calib_seed: int = 0, data_root: str | None = None) -> np.ndarray:
+    """Validation windows for choosing a method's settings without touching the test split:
+    non-overlapping ``seqlen`` windows of WikiText-2 validation that share no token position with
+    the protocol's calibration windows (``calib_n`` windows from ``calib_seed``), first ``n``."""
+    tokens = wikitext2_tokens(tokenizer, "valid", data_root=data_root)
+    starts = np.random.default_rng(calib_seed).integers(0, len(tokens) - seqlen, size=calib_n)
+    used = np.zeros(len(tokens), bool)
+    for s in starts:
+        used[s : s + seqlen] = True
+    out = [tokens[i : i + seqlen] for i in range(0, len(tokens) - seqlen + 1, seqlen)
+           if not used[i : i + seqlen].any()]
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} held-out validation windows of {seqlen} tokens, "
+                         f"asked for {n}")
+    return np.stack(out[:n]).astype(np.int32)

@@ -53,6 +53,15 @@ def test_tokenizer_reproduces_protocol_token_files(smollm):
         jdata.calib_windows(tok, 32, 512),
         np.load(os.path.join(DATA, "smollm2_wikitext2_valid_calib_32x512.npy")),
     )
+    # held-out validation windows (for choosing settings) share no position with calibration
+    held = jdata.heldout_windows(tok, 16, 512)
+    valid = jdata.wikitext2_tokens(tok, "valid")
+    starts = np.random.default_rng(0).integers(0, len(valid) - 512, size=32)
+    covered = {int(i) for s in starts for i in range(s, s + 512)}
+    for w in held:
+        # each window is a whole aligned slice of the validation tokens, outside every calib window
+        i = next(j for j in range(0, len(valid) - 511, 512) if np.array_equal(valid[j:j + 512], w))
+        assert not covered.intersection(range(i, i + 512))
 
 
 @needs_data
