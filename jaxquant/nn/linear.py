@@ -1,7 +1,8 @@
 """`Linear`: ``y = x @ W + b`` where ``W`` is a dense kernel or a :class:`~jaxquant.QArray`.
 
-A quantized kernel runs as dequantize-then-matmul in XLA (the reference path; the packed-matmul
-kernels dispatch from here when they apply). An optional dynamic per-token activation quantizer
+A quantized kernel goes through :func:`jaxquant.kernels.dispatch.quant_matmul`: the packed Pallas
+kernels on TPU / GPU when their ``can_use_*`` predicates hold, else XLA dequantize-then-matmul
+(logged with the reason). An optional dynamic per-token activation quantizer
 (``act_bits``) gives the W4A4 / W8A8 fake-quant path used by the DiT methods.
 """
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxquant.core.activations import fake_quant_per_token
 from jaxquant.core.qarray import QArray, dequantize
+from jaxquant.kernels.dispatch import quant_matmul
 
 
 def _bcast_last(v: jax.Array, ndim: int) -> jax.Array:
@@ -33,8 +35,12 @@ def linear(
     """``x`` ``[..., K]`` times ``kernel`` ``[K, N]`` (dense or QArray) plus ``bias`` ``[N]``."""
     if act_bits is not None:
         x = fake_quant_per_token(x, act_bits)
-    w = dequantize(kernel, dtype=x.dtype) if isinstance(kernel, QArray) else kernel.astype(x.dtype)
-    y = jnp.matmul(x, w, precision=precision)
+    if isinstance(kernel, QArray) and precision is None:
+        y = quant_matmul(x, kernel)
+    else:
+        w = dequantize(kernel, dtype=x.dtype) if isinstance(kernel, QArray) \
+            else kernel.astype(x.dtype)
+        y = jnp.matmul(x, w, precision=precision)
     if bias is not None:
         y = y + _bcast_last(bias.astype(y.dtype), y.ndim)
     return y

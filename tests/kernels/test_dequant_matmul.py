@@ -1,0 +1,145 @@
+"""Packed dequant-matmul kernels: every Pallas kernel (interpret mode) equals the pure-jnp
+reference for every width, group size, M in {1, 7, 16, 128}, and K / N that are not multiples of
+the blocks; each lowers for its real target ("tpu" Mosaic, "cuda" Triton) from this CPU; the
+dispatcher falls back to XLA with a reason; jax-triton skips without a GPU jaxlib."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant.kernels import (
+    dequant_matmul_pallas_gpu,
+    dequant_matmul_pallas_tpu,
+    dequant_matmul_reference,
+    dequant_matmul_xla,
+)
+from jaxquant.kernels.dispatch import can_use_pallas_gpu, can_use_pallas_tpu, kernel_mode
+
+KERNELS = {"tpu": dequant_matmul_pallas_tpu, "gpu": dequant_matmul_pallas_gpu}
+
+
+def _case(bits, gs, m, k, n, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
+    qa = jq.quantize(w, jq.QuantSpec(bits=bits, group_size=gs))
+    x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
+    return x, qa
+
+
+def _tol(dtype):
+    # float32: accumulation order only; bfloat16: the dequantized tile is rounded to bf16 and
+    # so is the output (8 mantissa bits)
+    return 2e-5 if dtype == jnp.float32 else 2e-2
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kernel_equals_reference(platform, bits, gs):
+    # K = 384 and N = 200 are multiples of no block (the kernels pad and slice)
+    for m in (1, 7, 16, 128):
+        x, qa = _case(bits, gs, m, 384, 200, seed=m)
+        ref = np.asarray(dequant_matmul_reference(x, qa))
+        got = np.asarray(KERNELS[platform](x, qa, interpret=True))
+        assert got.shape == (m, 200)
+        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+        assert err < _tol(jnp.float32), (m, err)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_bf16_activations_and_per_channel_and_batch_dims(platform, bits):
+    x, qa = _case(bits, -1, 7, 320, 136, dtype=jnp.bfloat16)
+    ref = np.asarray(dequant_matmul_reference(x, qa).astype(jnp.float32))
+    got = KERNELS[platform](x, qa, interpret=True)
+    assert got.dtype == jnp.bfloat16
+    err = np.max(np.abs(np.asarray(got.astype(jnp.float32)) - ref)) / np.max(np.abs(ref))
+    assert err < _tol(jnp.bfloat16), err
+    x3 = x.reshape(1, 7, 320)
+    np.testing.assert_array_equal(np.asarray(KERNELS[platform](x3, qa, interpret=True)[0]),
+                                  np.asarray(got))
+
+
+def test_xla_path_equals_reference():
+    x, qa = _case(3, 64, 16, 384, 200)
+    np.testing.assert_allclose(np.asarray(dequant_matmul_xla(x, qa)),
+                               np.asarray(dequant_matmul_reference(x, qa)), rtol=1e-4, atol=1e-3)
+
+
+def test_multi_block_k_and_explicit_blocks():
+    """Several K steps (the accumulator across grid steps) with explicit static block sizes."""
+    x, qa = _case(4, 32, 16, 2048, 256)
+    ref = np.asarray(dequant_matmul_reference(x, qa))
+    got = np.asarray(dequant_matmul_pallas_tpu(x, qa, bm=8, bn=128, bk=1024, interpret=True))
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 2e-5
+    x, qa = _case(2, -1, 3, 4096, 128)
+    ref = np.asarray(dequant_matmul_reference(x, qa))
+    got = np.asarray(dequant_matmul_pallas_tpu(x, qa, bm=8, bn=128, bk=2048, interpret=True))
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 2e-5
+
+
+def test_unsupported_inputs_are_refused_with_the_reason():
+    w = jnp.ones((96, 8), jnp.float32)
+    qa = jq.quantize(w, jq.QuantSpec(bits=4, group_size=48))
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        dequant_matmul_pallas_tpu(jnp.ones((1, 96), jnp.float32), qa, interpret=True)
+    qa5 = jq.quantize(w, jq.QuantSpec(bits=5, group_size=32))
+    with pytest.raises(ValueError, match="2, 3, 4 and 8 bits"):
+        dequant_matmul_pallas_gpu(jnp.ones((1, 96), jnp.float32), qa5, interpret=True)
+    qa4 = jq.quantize(w, jq.QuantSpec(bits=4, group_size=32))
+    with pytest.raises(ValueError, match="input features"):
+        dequant_matmul_pallas_tpu(jnp.ones((1, 64), jnp.float32), qa4, interpret=True)
+    with pytest.raises(ValueError, match="K block"):
+        dequant_matmul_pallas_tpu(jnp.ones((1, 96), jnp.float32), qa4, bk=48, interpret=True)
+
+
+def test_dispatch_predicates_and_logged_fallback(caplog):
+    x, qa = _case(4, 32, 2, 64, 32)
+    assert can_use_pallas_tpu(x, qa, "tpu") == (True, "ok")
+    assert not can_use_pallas_tpu(x, qa, "cpu")[0]
+    assert can_use_pallas_gpu(x, qa, "cuda")[0]
+    ok, why = can_use_pallas_gpu(x.astype(jnp.float16), qa, "cuda")
+    assert not ok and "float16" in why
+    from jaxquant.kernels.dispatch import quant_matmul
+
+    with caplog.at_level(logging.INFO, logger="jaxquant.kernels.dispatch"):
+        y = quant_matmul(x, qa, platform="cpu")
+    assert "XLA dequantize+matmul" in caplog.text and "is not TPU" in caplog.text
+    np.testing.assert_allclose(np.asarray(y), np.asarray(dequant_matmul_reference(x, qa)),
+                               rtol=1e-4, atol=1e-4)
+    with kernel_mode("interpret", interpret_platform="gpu"):
+        y2 = quant_matmul(x, qa)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+
+def _abstract(bits, gs, k, n):
+    spec = jq.QuantSpec(bits=bits, group_size=gs)
+    return jax.eval_shape(lambda w: jq.quantize(w, spec, validate=False),
+                          jax.ShapeDtypeStruct((k, n), jnp.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("platform", "fn"), [("tpu", dequant_matmul_pallas_tpu),
+                                             ("cuda", dequant_matmul_pallas_gpu)])
+def test_kernels_lower_for_their_target(bits, platform, fn):
+    """Lowering for the real platform runs the Mosaic / Triton lowering rules, which reject
+    unsupported ops and block shapes (a kernel that cannot compile for its target fails here)."""
+    for gs, (m, k, n) in ((128, (1, 4096, 4096)), (32, (16, 4096, 1024)), (-1, (256, 8192, 512)),
+                          (64, (7, 576, 1536))):
+        qa = _abstract(bits, gs, k, n)
+        x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+        text = jax.jit(fn).trace(x, qa).lower(lowering_platforms=(platform,)).as_text()
+        assert ("tpu_custom_call" in text) if platform == "tpu" else ("triton" in text.lower())
+
+
+def test_jax_triton_kernel_needs_a_gpu_jaxlib():
+    pytest.importorskip("jax_triton", exc_type=ImportError)
+    from jaxquant.kernels.triton_dequant import dequant_matmul_jax_triton
+
+    x, qa = _case(4, 128, 16, 512, 256)
+    np.testing.assert_allclose(np.asarray(dequant_matmul_jax_triton(x, qa)),
+                               np.asarray(dequant_matmul_reference(x, qa)), rtol=1e-3, atol=1e-3)
