@@ -124,10 +124,10 @@ def test_d2quant_model_saves_loads_evaluates_generates(tiny, tmp_path):
     from jaxquant import eval as jeval
     from jaxquant.models.common.generate import generate
 
-    d, m, tokens = tiny
+    d, _, tokens = tiny
     res = calibrate(d, _recipe("dsq", dac={}), tokens, progress=False)
     save_quantized(tmp_path / "q", res.config, res.params, recipe={"name": "d2q_test"})
-    cfg, params, _ = load_quantized(tmp_path / "q")
+    _, params, _ = load_quantized(tmp_path / "q")
     bias = params["layers"]["post_attention_layernorm"]["bias"]
     np.testing.assert_array_equal(np.asarray(bias),
                                   np.asarray(res.params["layers"]["post_attention_layernorm"]
