@@ -14,7 +14,16 @@ from jaxquant.kernels.dequant_matmul import (
     dequant_matmul_xla,
 )
 
+from jaxquant.kernels.int_matmul import (
+    int_matmul_pallas_tpu,
+    int_matmul_reference,
+    int_matmul_xla,
+)
+
 __all__ = [
+    "int_matmul_pallas_tpu",
+    "int_matmul_reference",
+    "int_matmul_xla",
     "check_kernel_qarray",
     "dequant_matmul_pallas_gpu",
     "dequant_matmul_pallas_tpu",
