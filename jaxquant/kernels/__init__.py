@@ -13,7 +13,6 @@ from jaxquant.kernels.dequant_matmul import (
     dequant_matmul_reference,
     dequant_matmul_xla,
 )
-
 from jaxquant.kernels.int_matmul import (
     int_matmul_pallas_tpu,
     int_matmul_reference,
@@ -21,12 +20,12 @@ from jaxquant.kernels.int_matmul import (
 )
 
 __all__ = [
-    "int_matmul_pallas_tpu",
-    "int_matmul_reference",
-    "int_matmul_xla",
     "check_kernel_qarray",
     "dequant_matmul_pallas_gpu",
     "dequant_matmul_pallas_tpu",
     "dequant_matmul_reference",
     "dequant_matmul_xla",
+    "int_matmul_pallas_tpu",
+    "int_matmul_reference",
+    "int_matmul_xla",
 ]
