@@ -66,7 +66,7 @@ def bench(fn, *args, min_time: float = 0.2) -> float:
 
 def main() -> None:
     import jaxquant as jq
-    from jaxquant.kernels.dispatch import quant_matmul
+    from jaxquant.kernels.dispatch import GPU_MAX_M, quant_matmul
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="4,2")
@@ -99,11 +99,14 @@ def main() -> None:
                 t_dense = bench(jnp.matmul, x, wd)
                 for b, qa in qas.items():
                     t_q = bench(quant_matmul, x, qa)
+                    impl_row = impl
+                    if platform == "gpu" and m > GPU_MAX_M:
+                        impl_row = "XLA dequant+matmul (dispatch: prefill)"
                     moved = qa.nbytes + x.nbytes + m * n * x.dtype.itemsize
                     row = {"model": model, "linear": name, "k": k, "n": n, "m": m, "bits": b,
                            "group": args.group, "dense_ms": t_dense * 1e3, "quant_ms": t_q * 1e3,
                            "speedup": t_dense / t_q, "gbps": moved / t_q / 1e9,
-                           "roofline_frac": moved / t_q / bw, "device": kind, "impl": impl}
+                           "roofline_frac": moved / t_q / bw, "device": kind, "impl": impl_row}
                     rows.append(row)
                     print(f"| {model} | {name} | {k}x{n} | {m} | W{b}g{args.group} | "
                           f"{row['dense_ms']:.3f} | {row['quant_ms']:.3f} | "

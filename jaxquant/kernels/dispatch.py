@@ -64,10 +64,23 @@ def can_use_pallas_tpu(x, qa: QArray, platform: str) -> tuple[bool, str]:
     return (why is None), why or "ok"
 
 
+GPU_MAX_M = 64  # above this many rows the GEMM is compute-bound: dequantize once + cuBLAS wins
+
+
+def _rows(x) -> int:
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    return m
+
+
 def can_use_pallas_gpu(x, qa: QArray, platform: str) -> tuple[bool, str]:
     if platform not in ("gpu", "cuda"):
         return False, f"backend {platform!r} is not a CUDA GPU"
     why = _common(x, qa)
+    if why is None and _rows(x) > GPU_MAX_M:
+        why = (f"M = {_rows(x)} > {GPU_MAX_M} rows: compute-bound prefill, XLA dequantize + "
+               "cuBLAS GEMM is the faster path")
     return (why is None), why or "ok"
 
 

@@ -102,6 +102,8 @@ def test_dispatch_predicates_and_logged_fallback(caplog):
     assert can_use_pallas_tpu(x, qa, "tpu") == (True, "ok")
     assert not can_use_pallas_tpu(x, qa, "cpu")[0]
     assert can_use_pallas_gpu(x, qa, "cuda")[0]
+    ok, why = can_use_pallas_gpu(jnp.ones((2, 64, 64), jnp.float32), qa, "cuda")
+    assert not ok and "prefill" in why  # shape-based: 128 rows go to XLA + cuBLAS
     ok, why = can_use_pallas_gpu(x.astype(jnp.float16), qa, "cuda")
     assert not ok and "float16" in why
     from jaxquant.kernels.dispatch import quant_matmul
