@@ -16,7 +16,8 @@ model's own activations ``X_ref``::
     propagate    X' = R + mlp_q(post_norm(R))
 
 so the quantized attention runs once (pass B) and its output feeds DAC, the MLP statistics and
-the propagation.
+the propagation. With a ``mesh``, pass A is sharded over its ``data`` axis like the block
+pipeline's statistics; passes B and C and the propagation run as single-device programs.
 """
 
 from __future__ import annotations
