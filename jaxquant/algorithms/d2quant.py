@@ -57,7 +57,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxquant.algorithms.gptq import _gptq_core
+from jaxquant.algorithms.gptq import _gptq_core, check_weight_and_hessian
 from jaxquant.core.qarray import (
     QArray,
     _grouped,
@@ -238,13 +238,7 @@ def dsq(
       every round (``s^c``, ``S`` when ``refit_scales``, requantization: ``3 · iters + 1`` or
       ``2 · iters + 1`` values), and ``rel_error`` ``sqrt(f / ‖XW‖²)``.
     """
-    if w.ndim != 2:
-        raise ValueError(f"dsq expects one weight matrix [K, N], got shape {tuple(w.shape)}")
-    k = w.shape[0]
-    if H.shape != (k, k):
-        raise ValueError(f"H must be [K, K] = [{k}, {k}] for w of shape {tuple(w.shape)}, "
-                         f"got {tuple(H.shape)}")
-    spec.check_weight_shape(w.shape)
+    check_weight_and_hessian(w, H, spec, name="dsq")
     if spec.per_tensor:
         raise ValueError("dsq needs group-wise or per-channel scales (spec.per_tensor=True given)")
     if not isinstance(iters, int) or iters < 0:

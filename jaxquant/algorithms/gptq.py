@@ -172,6 +172,17 @@ def _gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_dam
     return Q, S, Z, {"damp": lam, "dead_inputs": jnp.sum(dead)}
 
 
+def check_weight_and_hessian(w, H, spec: QuantSpec, *, name: str) -> None:
+    """One weight matrix ``[K, N]`` with its ``[K, K]`` Hessian, shapes the spec accepts."""
+    if w.ndim != 2:
+        raise ValueError(f"{name} expects one weight matrix [K, N], got shape {tuple(w.shape)}")
+    k = w.shape[0]
+    if H.shape != (k, k):
+        raise ValueError(f"H must be [K, K] = [{k}, {k}] for w of shape {tuple(w.shape)}, "
+                         f"got {tuple(H.shape)}")
+    spec.check_weight_shape(w.shape)
+
+
 def gptq(
     w: jax.Array,
     H: jax.Array,
@@ -189,13 +200,7 @@ def gptq(
       ``(QArray, diagnostics)``; diagnostics hold the dampening ``λ`` actually used and the number
       of dead input channels.
     """
-    if w.ndim != 2:
-        raise ValueError(f"gptq expects one weight matrix [K, N], got shape {tuple(w.shape)}")
-    k = w.shape[0]
-    if H.shape != (k, k):
-        raise ValueError(f"H must be [K, K] = [{k}, {k}] for w of shape {tuple(w.shape)}, "
-                         f"got {tuple(H.shape)}")
-    spec.check_weight_shape(w.shape)
+    check_weight_and_hessian(w, H, spec, name="gptq")
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     if not 0 <= damp:

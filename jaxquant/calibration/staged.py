@@ -29,7 +29,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxquant.calibration.capture import ATTN_STATS, MLP_STATS, _stats_of, block_stats_all
+from jaxquant.calibration.capture import (
+    ATTN_STATS,
+    MLP_STATS,
+    _stats_of,
+    block_stats_all,
+    merge_stats,
+)
 from jaxquant.models.common.decoder import attn_half, mlp_half, post_attn_norm
 from jaxquant.models.common.layers import MLP, RMSNorm
 from jaxquant.nn.linear import Linear
@@ -105,14 +111,7 @@ def mlp_stats(cfg, bp, r, bs):
         return {k: _stats_of(seen[k]) for k in MLP_STATS}
 
     def body(acc, x):
-        new = stats(x)
-        out = {}
-        for k in acc:
-            a, b = acc[k], new[k]
-            out[k] = {"H": a["H"] + b["H"], "absmax": jnp.maximum(a["absmax"], b["absmax"]),
-                      "sum": a["sum"] + b["sum"], "count": a["count"] + b["count"],
-                      "finite": a["finite"] & b["finite"]}
-        return out, None
+        return merge_stats(acc, stats(x)), None
 
     acc, _ = jax.lax.scan(body, stats(rs[0]), rs[1:])
     return acc

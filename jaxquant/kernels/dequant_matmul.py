@@ -286,6 +286,18 @@ def _gpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, *, bits, gs, nk):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def gpu_operands(x2, qa: QArray, *, bm: int, bn: int):
+    """The GPU kernels' padded operands (Pallas GPU and jax-triton share them): K is stepped one
+    group at a time (per-channel: 128 rows), ``x`` is plane-major per group. Returns
+    ``(x3, words, s, sz, gs, kp, mp, np)``."""
+    gs = 128 if qa.spec.group_size == -1 else qa.spec.group_size
+    kp = _round_up(packing.padded_in_features(qa.shape[0]), gs)
+    mp = _round_up(x2.shape[0], bm)
+    words, s, sz, np_ = _prepare(qa, eff_gs=gs, bn=bn, kp=kp)
+    x3 = _x_planes(x2, bits=qa.spec.bits, bk=gs, kp=kp, mp=mp)
+    return x3, words, s, sz, gs, kp, mp, np_
+
+
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "interpret", "num_warps",
                                              "num_stages"))
 def _gpu_call(x2, qa, *, bm, bn, interpret, num_warps, num_stages):
@@ -293,14 +305,8 @@ def _gpu_call(x2, qa, *, bm, bn, interpret, num_warps, num_stages):
 
     bits = qa.spec.bits
     m, _ = x2.shape
-    k, n = qa.shape
-    gs = qa.spec.group_size
-    gs = 128 if gs == -1 else gs
-    kp = _round_up(packing.padded_in_features(k), gs)
-    mp = _round_up(m, bm)
-    words, s, sz, np_ = _prepare(qa, eff_gs=gs, bn=bn, kp=kp)
-    # plane-major x per group (the kernel steps K by one group)
-    x3 = _x_planes(x2, bits=bits, bk=gs, kp=kp, mp=mp)
+    n = qa.shape[1]
+    x3, words, s, sz, gs, kp, mp, np_ = gpu_operands(x2, qa, bm=bm, bn=bn)
     p = x3.shape[0]
     out = pl.pallas_call(
         functools.partial(_gpu_kernel, bits=bits, gs=gs, nk=kp // gs),

@@ -16,14 +16,8 @@ import jax_triton as jt
 import triton
 import triton.language as tl
 
-from jaxquant.core import packing
 from jaxquant.core.qarray import QArray
-from jaxquant.kernels.dequant_matmul import (
-    _prepare,
-    _round_up,
-    _x_planes,
-    check_kernel_qarray,
-)
+from jaxquant.kernels.dequant_matmul import check_kernel_qarray, gpu_operands
 
 
 @triton.jit
@@ -69,12 +63,8 @@ def _w_dequant_kernel(x_ptr, w_ptr, s_ptr, sz_ptr, o_ptr, MP, NP, KP,
 def _call(x2, qa, *, bm, bn, num_warps, num_stages):
     bits = qa.spec.bits
     m, _ = x2.shape
-    k, n = qa.shape
-    gs = 128 if qa.spec.group_size == -1 else qa.spec.group_size
-    kp = _round_up(packing.padded_in_features(k), gs)
-    mp = _round_up(m, bm)
-    words, s, sz, np_ = _prepare(qa, eff_gs=gs, bn=bn, kp=kp)
-    x3 = _x_planes(x2, bits=bits, bk=gs, kp=kp, mp=mp)
+    n = qa.shape[1]
+    x3, words, s, sz, gs, kp, mp, np_ = gpu_operands(x2, qa, bm=bm, bn=bn)
     p = x3.shape[0]
     out = jt.triton_call(
         x3, words, s, sz, mp, np_, kp,

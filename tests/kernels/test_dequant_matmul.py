@@ -147,23 +147,13 @@ def test_jax_triton_kernel_needs_a_gpu_jaxlib():
                                np.asarray(dequant_matmul_reference(x, qa)), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("platform", [pytest.param("gpu", marks=pytest.mark.gpu),
+                                      pytest.param("tpu", marks=pytest.mark.tpu)])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_pallas_gpu_kernel_compiled_on_device(bits):
+def test_pallas_kernel_compiled_on_device(platform, bits):
     for gs in (32, 64, 128):
         for m in (1, 7, 16, 128):
             x, qa = _case(bits, gs, m, 4096, 1000, dtype=jnp.bfloat16, seed=m)
             ref = np.asarray(dequant_matmul_reference(x, qa).astype(jnp.float32))
-            got = np.asarray(dequant_matmul_pallas_gpu(x, qa).astype(jnp.float32))
-            assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < _tol(jnp.bfloat16)
-
-
-@pytest.mark.tpu
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_pallas_tpu_kernel_compiled_on_device(bits):
-    for gs in (32, 64, 128):
-        for m in (1, 7, 16, 128):
-            x, qa = _case(bits, gs, m, 4096, 1000, dtype=jnp.bfloat16, seed=m)
-            ref = np.asarray(dequant_matmul_reference(x, qa).astype(jnp.float32))
-            got = np.asarray(dequant_matmul_pallas_tpu(x, qa).astype(jnp.float32))
+            got = np.asarray(KERNELS[platform](x, qa).astype(jnp.float32))
             assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < _tol(jnp.bfloat16)
