@@ -40,15 +40,29 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
+def _data_mesh(n: int):
+    """A 1-D ``data`` mesh over ``n`` local devices (0: all of them); None for one device."""
+    import jax
+    from jax.sharding import Mesh
+
+    devs = jax.devices()
+    n = len(devs) if n == 0 else n
+    if n > len(devs):
+        raise ValueError(f"--data-parallel {n}: only {len(devs)} devices (on CPU, raise "
+                         "--cpu-devices)")
+    return Mesh(np.array(devs[:n]), ("data",)) if n > 1 else None
+
+
 def cmd_eval(args) -> dict:
     from jaxquant import eval as jeval
 
     t0 = time.perf_counter()
     m = _load(args.model)
     windows = _windows(m, args.data, args.windows, args.seqlen)
+    mesh = _data_mesh(args.data_parallel)
     r = jeval.perplexity(
         jeval.model_logits_fn(m.config, m.params), windows, batch_size=args.batch_size,
-        vocab_size=m.config.vocab_size,
+        vocab_size=m.config.vocab_size, mesh=mesh,
     )
     out = {"model": m.name, "data": args.data, "tokens": r["tokens"], "ppl": r["ppl"],
            "seconds": round(time.perf_counter() - t0, 2)}
@@ -129,15 +143,7 @@ def cmd_quantize(args) -> dict:
 
     tokens = _calib_tokens(tokenizer, args.calib, args.n_samples or c["n_samples"],
                            args.seqlen or c["seqlen"], c["seed"])
-    mesh = None
-    if args.data_parallel > 1:
-        import jax
-        from jax.sharding import Mesh
-
-        devs = jax.devices()
-        if len(devs) < args.data_parallel:
-            raise ValueError(f"--data-parallel {args.data_parallel}: only {len(devs)} devices")
-        mesh = Mesh(np.array(devs[: args.data_parallel]), ("data",))
+    mesh = _data_mesh(args.data_parallel)
     res = calibrate(path, recipe, tokens, out_dir=args.out, resume=args.resume, mesh=mesh)
     save_quantized(args.out, res.config, res.params, recipe=recipe.to_dict(), source=path)
     try:
@@ -175,9 +181,28 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _configure_cpu_devices(n: int) -> None:
+    """Split a CPU host into ``n`` JAX devices, one Eigen thread each (before JAX starts).
+
+    Data-parallel work over ``n`` single-threaded devices keeps every core busy on its own
+    windows instead of splitting each small matmul across threads."""
+    if n <= 1:
+        return
+    import jax
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxquant", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--cpu-devices", type=int,
+                   default=int(os.environ.get("JAXQUANT_CPU_DEVICES", "1")),
+                   help="on CPU, split the host into this many JAX devices, each running "
+                        "single-threaded, so --data-parallel can use them ($JAXQUANT_CPU_DEVICES)")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="perplexity of a model on token windows")
@@ -186,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=64, help="number of windows (0 = all)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--data-parallel", type=int, default=0,
+                   help="shard the windows over this many devices (0 = all local devices)")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text with a KV cache")
@@ -220,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_cpu_devices(args.cpu_devices)
     _enable_compilation_cache()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if getattr(args, "windows", None) == 0:

@@ -4,8 +4,10 @@ from jaxquant.eval.perplexity import (
     ModelFn,
     kl_divergence,
     model_logits_fn,
+    nll_per_window,
     nll_sum_and_count,
     perplexity,
 )
 
-__all__ = ["ModelFn", "kl_divergence", "model_logits_fn", "nll_sum_and_count", "perplexity"]
+__all__ = ["ModelFn", "kl_divergence", "model_logits_fn", "nll_per_window", "nll_sum_and_count",
+           "perplexity"]

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxquant.models.common.decoder import forward
@@ -69,15 +70,24 @@ def _fused(fn, score: Callable):
     return lambda t: jitted(fn(t), t)
 
 
+def nll_per_window(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Sum of next-token NLL over positions ``1..T-1`` of each window: ``[B]``.
+
+    ``logits`` ``[B, T, V]``, ``tokens`` ``[B, T]``. Computed as ``logsumexp(z) - z[target]``
+    (no ``[B, T, V]`` log-probabilities are materialized).
+    """
+    z = logits[:, :-1].astype(jnp.float32)
+    tgt = jnp.take_along_axis(z, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(jax.nn.logsumexp(z, axis=-1) - tgt, axis=-1)
+
+
 def nll_sum_and_count(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sum of next-token NLL over positions ``1..T-1`` of each window, and how many there were.
+    """Sum of next-token NLL over positions ``1..T-1`` of all windows, and how many there were.
 
     ``logits`` ``[B, T, V]``, ``tokens`` ``[B, T]``.
     """
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tgt = tokens[:, 1:]
-    nll = -jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+    nll = nll_per_window(logits, tokens)
+    return jnp.sum(nll), jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32)
 
 
 def _batches(windows: np.ndarray, batch_size: int):
@@ -98,6 +108,21 @@ def _check_windows(windows: np.ndarray, vocab_size: int | None) -> np.ndarray:
     return w.astype(np.int32)
 
 
+def _data_parallel(mesh: Mesh | None, data_axis: str, batch_size: int, fn):
+    """``(batch_size, put_tokens, fn)`` for sharding windows over ``mesh``'s ``data_axis``:
+    the batch becomes a multiple of the axis size and a ModelFn's params are replicated."""
+    if mesh is None:
+        return batch_size, jnp.asarray, fn
+    if data_axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {data_axis!r} (axes: {tuple(mesh.shape)})")
+    n = mesh.shape[data_axis]
+    batch_size = -(-batch_size // n) * n
+    rows = NamedSharding(mesh, PartitionSpec(data_axis, None))
+    if isinstance(fn, ModelFn):
+        fn = ModelFn(fn.apply, jax.device_put(fn.params, NamedSharding(mesh, PartitionSpec())))
+    return batch_size, lambda b: jax.device_put(jnp.asarray(b), rows), fn
+
+
 def perplexity(
     logits_fn: LogitsFn,
     windows: np.ndarray,
@@ -105,20 +130,31 @@ def perplexity(
     batch_size: int = 4,
     vocab_size: int | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> dict:
     """Perplexity of ``logits_fn`` over ``windows`` ``[n, T]``.
+
+    With ``mesh``, each batch of windows is sharded over its ``data_axis`` (data-parallel
+    evaluation: the chips of a TPU host or GPU node, or CPU host devices, see
+    ``jax_num_cpu_devices``); ``batch_size`` is rounded up to a multiple of the axis size and a
+    short last batch is padded with repeats whose NLL is dropped.
 
     Returns:
       ``{"ppl", "nll", "tokens" (predicted positions), "seconds"}``.
     """
     w = _check_windows(windows, vocab_size)
-    score = _fused(logits_fn, nll_sum_and_count)
-    total, count = 0.0, 0.0
+    batch_size, put, logits_fn = _data_parallel(mesh, data_axis, batch_size, logits_fn)
+    score = _fused(logits_fn, nll_per_window)
+    total = 0.0
     t0 = time.perf_counter()
-    for batch in tqdm(list(_batches(w, batch_size)), desc="ppl", unit="batch", disable=not progress):
-        s, c = score(jnp.asarray(batch))
-        total += float(s)
-        count += float(c)
+    batches = list(_batches(w, batch_size))
+    for batch in tqdm(batches, desc="ppl", unit="batch", disable=not progress):
+        n_valid = batch.shape[0]
+        if mesh is not None and n_valid < batch_size:  # same shape: no recompile, no bad split
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n_valid, 0)])
+        total += float(np.sum(np.asarray(score(put(batch)), np.float64)[:n_valid]))
+    count = w.shape[0] * (w.shape[1] - 1)
     nll = total / count
     return {"ppl": float(np.exp(nll)), "nll": nll, "tokens": int(count),
             "seconds": time.perf_counter() - t0}

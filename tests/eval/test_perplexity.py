@@ -32,6 +32,24 @@ def test_perplexity_matches_torch_cross_entropy(tiny):
     assert abs(r["ppl"] - float(torch.exp(ce))) / r["ppl"] < 1e-4
 
 
+@pytest.mark.parametrize("n_dev", [2, 4])
+def test_data_parallel_perplexity_equals_single_device(tiny, n_dev):
+    """Windows sharded over a data axis (5 windows: the last batch is padded with repeats whose
+    NLL must be dropped) give the single-device result."""
+    from jax.sharding import Mesh
+
+    _, m = tiny
+    windows = np.random.default_rng(2).integers(0, 96, size=(5, 33)).astype(np.int32)
+    fn = jeval.model_logits_fn(m.config, m.params)
+    want = jeval.perplexity(fn, windows, batch_size=1, progress=False)
+    mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
+    got = jeval.perplexity(fn, windows, batch_size=3, progress=False, mesh=mesh)
+    assert got["tokens"] == want["tokens"] == 5 * 32
+    assert abs(got["nll"] - want["nll"]) < 1e-5 * abs(want["nll"])
+    with pytest.raises(ValueError, match="no axis 'batch'"):
+        jeval.perplexity(fn, windows, mesh=mesh, data_axis="batch")
+
+
 def test_kl_is_zero_to_itself_and_matches_numpy(tiny):
     _, m = tiny
     windows = np.random.default_rng(1).integers(0, 96, size=(3, 17)).astype(np.int32)
@@ -56,3 +74,28 @@ def test_bad_windows():
         jeval.perplexity(fn, np.full((1, 4), 11, np.int32), vocab_size=10)
     with pytest.raises(ValueError, match="windows must be"):
         jeval.perplexity(fn, np.zeros((4,), np.int32))
+
+
+def test_cli_eval_data_parallel_on_cpu_devices(tiny, tmp_path):
+    """``jaxquant --cpu-devices 2 eval`` (its own process: the device count is fixed at start)
+    shards the windows over 2 CPU devices and prints the single-device PPL."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    hf, m = tiny
+    windows = np.random.default_rng(3).integers(0, 96, size=(3, 33)).astype(np.int32)
+    np.save(tmp_path / "w.npy", windows)
+    d = tmp_path / "model"
+    hf.save_pretrained(d)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxquant.cli.main", "--cpu-devices", "2", "eval", "--model",
+         str(d), "--data", str(tmp_path / "w.npy"), "--windows", "0"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = jeval.perplexity(jeval.model_logits_fn(m.config, m.params), windows, progress=False)
+    assert got["tokens"] == want["tokens"]
+    assert abs(got["ppl"] - want["ppl"]) / want["ppl"] < 1e-5

@@ -63,7 +63,9 @@ class _ScanBlock(nn.Module):
 def block_apply(cfg: DecoderConfig, block_params, x, positions, mask=None, *, act_bits=None):
     """Run one decoder block (no cache). ``x`` ``[B, T, D]``, ``positions`` ``[B, T]``.
 
-    ``mask`` defaults to the config's causal (or full) mask over ``T`` keys.
+    ``mask`` defaults to the config's causal (or full) mask over ``T`` keys; a custom mask of a
+    causal config must not open keys after a query's slot (cache-less causal attention skips
+    the blocks above the diagonal).
     """
     if mask is None:
         idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
@@ -157,6 +159,8 @@ def forward(
     q_index = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
     if positions is None:
         positions = q_index
+    if cache is None:  # no cache: the T tokens are slots 0..T-1 (cache_index only moves RoPE)
+        q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     s = t if cache is None else cache[0].shape[2]
     k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     mask = attention_mask(q_index, k_index, key_valid, causal=cfg.causal)
