@@ -46,7 +46,7 @@ from jaxquant.calibration.weight_only import LINEAR_PATHS as LINEARS
 from jaxquant.core.qarray import dequantize, split_columns
 from jaxquant.models.common.config import DecoderConfig
 from jaxquant.models.common.decoder import block_apply, embed
-from jaxquant.models.common.hf_weights import _read, block_params_from_source
+from jaxquant.models.common.hf_weights import _read, _where, block_params_from_source
 from jaxquant.models.loading import config_from_hf, open_source
 from jaxquant.recipes.recipe import Recipe
 
@@ -296,6 +296,36 @@ def _check_stats(stats, b):
 
 
 # ---------------------------------------------------------------------------- the driver
+def _top_tensors(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    v, d = cfg.vocab_size, cfg.hidden_size
+    out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (v, d)
+    return out
+
+
+def _check_top_tensors(cfg: DecoderConfig, src) -> None:
+    """Fail before calibrating, not after, if the unquantized tensors are missing or misshapen."""
+    for name, shape in _top_tensors(cfg).items():
+        if name not in src:
+            raise ValueError(f"{_where(src)}: checkpoint is missing tensor {name!r}")
+        if tuple(src.shape(name)) != shape:
+            raise ValueError(f"{_where(src)}: tensor {name!r} has shape {tuple(src.shape(name))}"
+                             f", but the config implies {shape}")
+
+
+def _top_params(cfg: DecoderConfig, src) -> dict:
+    """Embedding, final norm and (untied) LM head, in float32 (they stay unquantized)."""
+    v, d = cfg.vocab_size, cfg.hidden_size
+    top = {"embed_tokens": {"embedding": jnp.asarray(_read(src, "model.embed_tokens.weight",
+                                                           (v, d), np.float32))},
+           "norm": {"scale": jnp.asarray(_read(src, "model.norm.weight", (d,), np.float32))}}
+    if not cfg.tie_word_embeddings:
+        top["lm_head"] = {"kernel": jnp.asarray(_read(src, "lm_head.weight", (v, d),
+                                                      np.float32).T)}
+    return top
+
+
 def _progress_paths(out_dir: str) -> tuple[str, str]:
     d = os.path.join(out_dir, PROGRESS_DIR)
     return d, os.path.join(d, STATE_FILE)
@@ -346,6 +376,7 @@ def calibrate(
     fps = {"model": fingerprint_model(src, cfg_dict), "recipe": recipe.fingerprint(),
            "data": fingerprint_data(tokens)}
 
+    _check_top_tensors(cfg, src)
     paths = [f"layers/{b}/{p}" for b in range(cfg.num_layers) for p in LINEARS]
     unmatched, unused = recipe.report(paths)
     if unmatched:
@@ -353,14 +384,6 @@ def calibrate(
                     unmatched[:4], " ..." if len(unmatched) > 4 else "")
     if unused:
         log.warning("recipe rules that match no layer: %s", unused)
-
-    v, d = cfg.vocab_size, cfg.hidden_size
-    top = {"embed_tokens": {"embedding": jnp.asarray(_read(src, "model.embed_tokens.weight",
-                                                           (v, d), np.float32))},
-           "norm": {"scale": jnp.asarray(_read(src, "model.norm.weight", (d,), np.float32))}}
-    if not cfg.tie_word_embeddings:
-        top["lm_head"] = {"kernel": jnp.asarray(_read(src, "lm_head.weight", (v, d),
-                                                      np.float32).T)}
 
     blocks: list = []
     reports: list[LayerReport] = []
@@ -393,8 +416,10 @@ def calibrate(
             raise FileExistsError(f"{out_dir} already holds a finished quantized model; "
                                   "refusing to overwrite it")
         os.makedirs(prog_dir, exist_ok=True)
-    if X is None:
-        X = embed(top, jnp.asarray(tokens))
+    if X is None:  # the [V, D] table is read for this and again at the end, not held between
+        X = embed({"embed_tokens": {"embedding": jnp.asarray(_read(
+            src, "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), np.float32))}},
+            jnp.asarray(tokens))
 
     if X_ref is None and need_ref:
         # block 0: the fp and the quantized paths start from the same embeddings (a copy:
@@ -442,7 +467,10 @@ def calibrate(
         errs = [r.rel_error for r in rep]
         bar.set_postfix(rel_err=f"{np.mean(errs):.4f}" if errs else "-")
 
-    params = {**top, "layers": stack_or_list(blocks)}
+    del X, X_ref
+    layers = stack_or_list(blocks)
+    del blocks
+    params = {**_top_params(cfg, src), "layers": layers}
     return CalibrationResult(cfg, params, reports, time.perf_counter() - t_start,
                              unmatched, unused, start)
 

@@ -9,6 +9,7 @@ that permutation is undone here (the same inverse transformers applies).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -128,8 +129,8 @@ class _Header:
         self.pos += n
         return v
 
-    def tensor_bytes(self, name: str) -> tuple[np.ndarray, tuple[int, ...], int]:
-        """``(raw uint8 bytes, ggml dims, ggml type)`` of a tensor, memory-mapped."""
+    def _span(self, name: str) -> tuple[int, int, tuple[int, ...], int]:
+        """``(file offset, byte length, ggml dims, ggml type)`` of a tensor."""
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
         dims, ttype, offset = self.tensors[name]
@@ -138,12 +139,28 @@ class _Header:
         except (KeyError, ValueError):
             raise ValueError(f"{self.path}: tensor {name} has unknown ggml type {ttype}") from None
         n = int(np.prod(dims, dtype=np.int64))
-        nbytes = n // block * type_size
-        start = self.data_start + offset
+        return self.data_start + offset, n // block * type_size, dims, ttype
+
+    def tensor_bytes(self, name: str) -> tuple[np.ndarray, tuple[int, ...], int]:
+        """``(raw uint8 bytes, ggml dims, ggml type)`` of a tensor, memory-mapped."""
+        start, nbytes, dims, ttype = self._span(name)
         if start + nbytes > self.size:
             raise ValueError(f"{self.path}: tensor {name} lies beyond the end of the file; the "
                              "file is truncated or corrupt")
         return self._mm[start : start + nbytes], dims, ttype
+
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor already read (``MADV_DONTNEED`` on its byte
+        range; the file stays mapped and a later read pages it in again). Streaming a large
+        GGUF block by block then keeps one block's bytes resident, not the whole file's."""
+        mm = getattr(self._mm, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, nbytes, _, _ = self._span(name)
+        lo = start - start % mmap.PAGESIZE
+        hi = min(self.size, start + nbytes)
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 class GGUFSource:
@@ -261,4 +278,5 @@ class GGUFSource:
             if ".k_proj." in name:
                 cfg_heads = self.field(f"{self.arch}.attention.head_count_kv", cfg_heads)
             w = _unpermute(w, int(cfg_heads))
+        self._header.release(gname)  # w is a copy: the mapped bytes need not stay resident
         return w

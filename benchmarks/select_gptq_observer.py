@@ -1,0 +1,75 @@
+"""Choose GPTQ's group-scale observer (min-max or MSE grid search) on held-out VALIDATION windows.
+
+For each width, the protocol's GPTQ recipe (``gptq_w{b}_g64``: act-order, static groups) runs
+once with ``scale_method: minmax`` (what llm-compressor's default observer does) and once with
+``scale_method: mse`` (the GPTQ reference's ``mse`` grid search of the clip range, fitted on
+the original weights before the loop). The choice is made on 16 WikiText-2 *validation*
+windows that share no token with the calibration windows (``jaxquant.data.heldout_windows``);
+the protocol's test PPL is printed for the record and is not used to choose.
+
+    .venv/bin/python benchmarks/select_gptq_observer.py --bits 2,3,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="2,3,4")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from jaxquant import data as jdata
+    from jaxquant import eval as jeval
+    from jaxquant import models
+    from jaxquant.calibration.driver import calibrate
+    from jaxquant.models.assets import resolve_model_path
+    from jaxquant.recipes import load_recipe
+
+    d = jdata.data_dir()
+    if d is None:
+        raise SystemExit("set $JAXQUANT_DATA to the protocol data directory")
+    path = resolve_model_path(args.model)
+    calib = np.load(os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
+    test = np.load(os.path.join(d, "smollm2_wikitext2_test_eval_64x512.npy"))
+    held = jdata.heldout_windows(models.load(path).tokenizer, 16, 512)
+    rows = []
+    for bits in [int(b) for b in args.bits.split(",")]:
+        base = load_recipe(f"gptq_w{bits}_g64").to_dict()
+        for method in ("minmax", "mse"):
+            r = json.loads(json.dumps(base))
+            for rule in r["rules"]:
+                rule["spec"]["scale_method"] = method
+            t0 = time.perf_counter()
+            res = calibrate(path, load_recipe(r), calib, progress=False)
+            secs = time.perf_counter() - t0
+            fn = jeval.model_logits_fn(res.config, res.params)
+            val = jeval.perplexity(fn, held, batch_size=1, progress=False)["ppl"]
+            tst = jeval.perplexity(fn, test, batch_size=1, progress=False)["ppl"]
+            rows.append({"bits": bits, "scale_method": method, "val_ppl": val, "test_ppl": tst,
+                         "calib_seconds": round(secs, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n  {'scheme':<8} {'observer':<8} {'val PPL (16 held-out)':>22} {'test PPL':>10} "
+          f"{'calib s':>8}  chosen (lower val PPL)")
+    for bits in sorted({r["bits"] for r in rows}):
+        rs = [r for r in rows if r["bits"] == bits]
+        best = min(rs, key=lambda r: r["val_ppl"])
+        for r in rs:
+            print(f"  W{bits}g64   {r['scale_method']:<8} {r['val_ppl']:>22.2f} "
+                  f"{r['test_ppl']:>10.2f} {r['calib_seconds']:>8.1f}  "
+                  f"{'<-' if r is best else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
