@@ -107,14 +107,21 @@ def test_streaming_never_holds_the_whole_fp_model(tmp_path):
 
     baseline = n_live()  # arrays other tests in this process still hold
 
+    live_tables = []
+    tables0 = sum(1 for a in jax.live_arrays() if a.shape == (cfg.vocab_size, cfg.hidden_size))
+
     def count(b, info):
         live_fp_kernels.append(n_live() - baseline)
+        live_tables.append(sum(1 for a in jax.live_arrays()
+                               if a.shape == (cfg.vocab_size, cfg.hidden_size)))
 
     calibrate(tmp_path, _recipe("gptq", n=4, seqlen=32), tokens, progress=False,
               on_block_end=count)
     assert len(live_fp_kernels) == cfg.num_layers
     # a dense model would hold 2 such kernels (gate, up) per block: 6 for 3 blocks
     assert max(live_fp_kernels) <= 2, live_fp_kernels
+    # nor the [V, D] embedding table: it is read to embed the tokens and again at the end
+    assert max(live_tables) <= tables0, live_tables
 
 
 def test_bad_calibration_inputs(tiny):

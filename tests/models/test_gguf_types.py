@@ -84,3 +84,22 @@ def test_gguf_types_match_transformers(tmp_path, qtype):
     assert np.max(np.abs(np.asarray(ours) - ref)) <= 1e-4
     if qtype == T.F32:  # lossless: must also equal the original HF model
         assert np.max(np.abs(np.asarray(ours) - hf_logits(hf, tokens))) <= 1e-4
+
+
+def test_gguf_reads_release_pages_and_reread_identically(tmp_path, monkeypatch):
+    """Streaming drops a tensor's mapped pages once it is read; reading it again gives the same
+    values (the file is paged back in), for every tensor."""
+    from jaxquant.models.common import gguf_io
+
+    hf = make_hf_model("llama", "gqa", False, seed=32)
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, hf, T.Q4_1)
+    src = gguf_io.GGUFSource(path)
+    released = []
+    orig = gguf_io._Header.release
+    monkeypatch.setattr(gguf_io._Header, "release",
+                        lambda self, name: (released.append(name), orig(self, name)))
+    first = {k: src.get(k) for k in src.keys()}
+    assert len(released) == len(first)
+    for k, v in first.items():
+        np.testing.assert_array_equal(src.get(k), v)
