@@ -14,6 +14,10 @@ scales are applied once per group.
 * :func:`int_matmul_pallas_tpu` -- a Pallas TPU kernel: bit planes of the packed codes (as the
   W-A16 kernel), int8 x int8 -> int32 dots per K tile of one group, scaled into a float32
   accumulator.
+* :func:`int_matmul_pallas_gpu` -- a Pallas GPU (Triton) kernel: one program per (M, N) block
+  stepping K one group at a time; per bit plane an int8 x int8 -> int32 ``tl.dot`` (a plane of
+  fewer than 16 rows, W4 g64, uses an int32 multiply-reduce instead), the group's int32 sum
+  scaled into a float32 accumulator, the per-token scale applied once at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from jax.experimental import pallas as pl
 from jaxquant.core import packing
 from jaxquant.core.activations import quantize_per_token
 from jaxquant.core.qarray import QArray
-from jaxquant.kernels.dequant_matmul import _planes_from_words, _round_up
+from jaxquant.kernels.dequant_matmul import _planes_from_words, _round_up, gpu_operands
 
 
 def check_int_qarray(qa: QArray, act_bits: int) -> None:
@@ -172,3 +176,74 @@ def int_matmul_pallas_tpu(x: jax.Array, qa: QArray, *, act_bits: int = 8,
     bn = bn or (n if n < 256 else 256)
     y = _int_tpu_call(x.reshape(m, k), qa, act_bits=act_bits, bm=bm, bn=bn, interpret=interpret)
     return y.reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------- GPU (Triton)
+def _int_gpu_kernel(x_ref, w_ref, s_ref, sx_ref, o_ref, *, bits, gs, nk):
+    p = 32 // bits
+    rows = gs // p  # packed word rows of one group == plane rows
+    off = jnp.int32(1 << (bits - 1))
+
+    def body(kk, acc):
+        words = w_ref[pl.ds(kk * rows, rows), :]
+        part = None
+        for i, q in enumerate(_planes_from_words(words, bits)):
+            qi = q.astype(jnp.int32) - off  # signed codes [rows, bn]
+            xi = x_ref[i, :, pl.ds(kk * rows, rows)]  # int8 [bm, rows]
+            if rows >= 16:
+                d = jnp.dot(xi, qi.astype(jnp.int8), preferred_element_type=jnp.int32)
+            else:  # tl.dot needs K >= 16
+                d = jnp.sum(xi.astype(jnp.int32)[:, :, None] * qi[None, :, :], axis=1)
+            part = d if part is None else part + d
+        return acc + part.astype(jnp.float32) * s_ref[pl.ds(kk, 1), :]
+
+    acc = jax.lax.fori_loop(0, nk, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = (acc * sx_ref[...]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("act_bits", "bm", "bn", "interpret", "num_warps",
+                                             "num_stages"))
+def _int_gpu_call(x2, qa, *, act_bits, bm, bn, interpret, num_warps, num_stages):
+    from jax.experimental.pallas import triton as pltr
+
+    bits = qa.spec.bits
+    m, _ = x2.shape
+    n = qa.shape[1]
+    xq, sx = quantize_per_token(x2, bits=act_bits)
+    # the W-A16 GPU kernel's operands, with int8 codes for x: [planes, Mp, Kp/planes]
+    x3, words, s, _, gs, kp, mp, np_ = gpu_operands(xq, qa, bm=bm, bn=bn)
+    sx = jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
+    planes = x3.shape[0]
+    out = pl.pallas_call(
+        functools.partial(_int_gpu_kernel, bits=bits, gs=gs, nk=kp // gs),
+        out_shape=jax.ShapeDtypeStruct((mp, np_), x2.dtype),
+        grid=(mp // bm, np_ // bn),
+        in_specs=[
+            pl.BlockSpec((planes, bm, kp // planes), lambda i, j: (0, i, 0)),
+            pl.BlockSpec((kp * bits // 32, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((kp // gs, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"jaxquant_w{bits}a{act_bits}_gpu",
+    )(x3, words, s, sx)
+    return out[:m, :n]
+
+
+def int_matmul_pallas_gpu(x: jax.Array, qa: QArray, *, act_bits: int = 8, bm: int = 16,
+                          bn: int = 64, num_warps: int = 4, num_stages: int = 2,
+                          interpret: bool = False) -> jax.Array:
+    """W8A8 / W4A4 through the Pallas GPU (Triton) kernel (int8 tensor-core dots, int32 sums per
+    group). ``bm`` >= 16 (``tl.dot``'s minimum); any K, N, M (padded)."""
+    check_int_qarray(qa, act_bits)
+    if bm < 16 or bm & (bm - 1) or bn < 16 or bn & (bn - 1):
+        raise ValueError(f"bm and bn must be powers of two >= 16 (Triton blocks), got {bm}, {bn}")
+    *lead, k = x.shape
+    if k != qa.shape[0]:
+        raise ValueError(f"x has {k} input features, the QArray {qa.shape[0]}")
+    m = math.prod(lead) if lead else 1
+    y = _int_gpu_call(x.reshape(m, k), qa, act_bits=act_bits, bm=bm, bn=bn, interpret=interpret,
+                      num_warps=num_warps, num_stages=num_stages)
+    return y.reshape(*lead, qa.shape[1])

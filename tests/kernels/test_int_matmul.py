@@ -1,5 +1,5 @@
 """W8A8 / W4A4 integer matmuls: a numpy int64 oracle for the reference, the XLA int8 path and the
-Pallas TPU kernel (interpret), the TPU lowering, and the refusals."""
+Pallas TPU and GPU kernels (interpret), their lowering for "tpu" and "cuda", and the refusals."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant.kernels.int_matmul import int_matmul_pallas_tpu, int_matmul_reference, int_matmul_xla
+from jaxquant.kernels.int_matmul import (
+    int_matmul_pallas_gpu,
+    int_matmul_pallas_tpu,
+    int_matmul_reference,
+    int_matmul_xla,
+)
 
 
 def _numpy_oracle(x, qa, act_bits):
@@ -39,6 +44,8 @@ def test_int_matmuls_equal_the_integer_oracle(wbits, abits, gs):
                                        atol=1e-5 * scale)
         got = int_matmul_pallas_tpu(x, qa, act_bits=abits, interpret=True)
         np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5 * scale)
+        gpu = int_matmul_pallas_gpu(x, qa, act_bits=abits, interpret=True)
+        np.testing.assert_allclose(np.asarray(gpu), ref, atol=1e-5 * scale)
     # and W8A8 is close to the float matmul it approximates
     if wbits == 8 and abits == 8:
         dense = np.asarray(x) @ np.asarray(w)
@@ -54,11 +61,37 @@ def test_int_kernel_lowers_for_tpu_and_refuses_unsupported():
         text = jax.jit(lambda x, q: int_matmul_pallas_tpu(x, q, act_bits=4)).trace(
             x, qa).lower(lowering_platforms=("tpu",)).as_text()
         assert "tpu_custom_call" in text
+    for gs, bits in ((128, 4), (64, 4), (-1, 8)):  # plane rows 16 (tl.dot), 8 (reduce), 32
+        spec = jq.QuantSpec(bits=bits, group_size=gs, symmetric=True)
+        qa = jax.eval_shape(lambda w, spec=spec: jq.quantize(w, spec, validate=False),
+                            jax.ShapeDtypeStruct((4096, 4096), jnp.float32))
+        text = jax.jit(lambda x, q, b=bits: int_matmul_pallas_gpu(x, q, act_bits=b)).trace(
+            jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16), qa).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in text or "triton" in text.lower()
     w = jnp.ones((128, 8), jnp.float32)
     with pytest.raises(ValueError, match="symmetric"):
         int_matmul_xla(jnp.ones((1, 128)), jq.quantize(w, jq.QuantSpec(bits=4, group_size=32)))
     q32 = jq.quantize(w, jq.QuantSpec(bits=4, group_size=32, symmetric=True))
     with pytest.raises(ValueError, match="multiple of 8"):
         int_matmul_pallas_tpu(jnp.ones((1, 128)), q32, act_bits=4, interpret=True)
+    with pytest.raises(ValueError, match="powers of two"):
+        int_matmul_pallas_gpu(jnp.ones((1, 128)), q32, act_bits=4, bm=8, interpret=True)
     with pytest.raises(ValueError, match="act_bits"):
         int_matmul_xla(jnp.ones((1, 128)), q32, act_bits=6)
+
+
+@pytest.mark.parametrize("platform", [pytest.param("gpu", marks=pytest.mark.gpu),
+                                      pytest.param("tpu", marks=pytest.mark.tpu)])
+@pytest.mark.parametrize(("wbits", "abits"), [(8, 8), (4, 4)])
+def test_int_kernel_compiled_on_device(platform, wbits, abits):
+    kernel = {"gpu": int_matmul_pallas_gpu, "tpu": int_matmul_pallas_tpu}[platform]
+    rng = np.random.default_rng(wbits)
+    for gs in (-1, 128):
+        w = jnp.asarray(rng.standard_normal((4096, 1000)).astype(np.float32))
+        qa = jq.quantize(w, jq.QuantSpec(bits=wbits, group_size=gs, symmetric=True))
+        for m in (1, 16, 128):
+            x = jnp.asarray(rng.standard_normal((m, 4096)).astype(np.float32))
+            ref = _numpy_oracle(x, qa, abits)
+            got = np.asarray(kernel(x, qa, act_bits=abits))
+            np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
