@@ -2,8 +2,8 @@
 
 For each width, the protocol's GPTQ recipe (``gptq_w{b}_g64``: act-order, static groups) runs
 once with ``scale_method: minmax`` (what llm-compressor's default observer does) and once with
-``scale_method: mse`` (the GPTQ reference's ``mse`` grid search of the clip range, fitted on
-the original weights before the loop). The choice is made on 16 WikiText-2 *validation*
+``scale_method: mse`` (the GPTQ reference's ``mse`` grid search of the clip range, with its
+``maxshrink`` 0.8, grid 100 and norm 2.4, fitted on the original weights before the loop). The choice is made on 16 WikiText-2 *validation*
 windows that share no token with the calibration windows (``jaxquant.data.heldout_windows``);
 the protocol's test PPL is printed for the record and is not used to choose.
 
@@ -24,7 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--methods", default="minmax,mse")
+    ap.add_argument("--json", default=None, help="rows are appended to this file's rows")
     args = ap.parse_args()
 
     from jaxquant import data as jdata
@@ -42,12 +43,17 @@ def main() -> None:
     test = np.load(os.path.join(d, "smollm2_wikitext2_test_eval_64x512.npy"))
     held = jdata.heldout_windows(models.load(path).tokenizer, 16, 512)
     rows = []
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            rows = json.load(f)["rows"]
     for bits in [int(b) for b in args.bits.split(",")]:
         base = load_recipe(f"gptq_w{bits}_g64").to_dict()
-        for method in ("minmax", "mse"):
+        for method in args.methods.split(","):
             r = json.loads(json.dumps(base))
             for rule in r["rules"]:
                 rule["spec"]["scale_method"] = method
+                if method == "mse":
+                    rule["spec"].update(clip_ratio=0.8, mse_grid=100, mse_norm=2.4)
             t0 = time.perf_counter()
             res = calibrate(path, load_recipe(r), calib, progress=False)
             secs = time.perf_counter() - t0

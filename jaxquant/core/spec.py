@@ -77,6 +77,12 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.scale_method must be 'minmax' or 'mse', got {self.scale_method!r}"
             )
+        if self.scale_method == "mse" and self.clip_ratio >= 1.0:
+            raise ValueError(
+                "QuantSpec.scale_method='mse' searches clip ratios in [clip_ratio, 1]; with "
+                "clip_ratio=1.0 there is nothing to search. Set clip_ratio < 1 (the GPTQ "
+                "reference's maxshrink is 0.8)"
+            )
         if self.mse_grid < 1:
             raise ValueError(f"QuantSpec.mse_grid must be >= 1, got {self.mse_grid!r}")
         if self.mse_norm <= 0:

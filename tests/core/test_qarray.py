@@ -79,6 +79,11 @@ def test_constant_and_zero_groups_are_finite(sym, value):
         assert np.all(w_hat == 0.0)
 
 
+def test_mse_scale_search_without_a_range_is_refused():
+    with pytest.raises(ValueError, match="clip_ratio < 1"):
+        jq.QuantSpec(bits=3, group_size=64, scale_method="mse")
+
+
 def test_mse_scale_search_never_worse_than_minmax():
     rng = np.random.default_rng(0)
     w = rng.standard_t(df=3, size=(256, 32)).astype(np.float32)  # heavy tails: clipping helps
