@@ -2,8 +2,10 @@
 
 For each width, the protocol's GPTQ recipe (``gptq_w{b}_g64``: act-order, static groups) runs
 once with ``scale_method: minmax`` (what llm-compressor's default observer does) and once with
-``scale_method: mse`` (the GPTQ reference's ``mse`` grid search of the clip range, with its
-``maxshrink`` 0.8, grid 100 and norm 2.4, fitted on the original weights before the loop). The choice is made on 16 WikiText-2 *validation*
+``scale_method: mse`` (a per-group grid search of the clip ratio as in the GPTQ reference's
+``Quantizer(mse=True)``: error norm 2.4, here over ratios [0.8, 1] on 100 points -- the
+reference's own range is wider, 1 - i/100 for i < 80 -- fitted on the original weights before
+the loop). The choice is made on 16 WikiText-2 *validation*
 windows that share no token with the calibration windows (``jaxquant.data.heldout_windows``);
 the protocol's test PPL is printed for the record and is not used to choose.
 

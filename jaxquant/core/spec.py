@@ -80,8 +80,8 @@ class QuantSpec:
         if self.scale_method == "mse" and self.clip_ratio >= 1.0:
             raise ValueError(
                 "QuantSpec.scale_method='mse' searches clip ratios in [clip_ratio, 1]; with "
-                "clip_ratio=1.0 there is nothing to search. Set clip_ratio < 1 (the GPTQ "
-                "reference's maxshrink is 0.8)"
+                "clip_ratio=1.0 there is nothing to search. Set clip_ratio < 1 (e.g. 0.8; the "
+                "GPTQ reference's maxshrink=0.8 searches down to 0.2)"
             )
         if self.mse_grid < 1:
             raise ValueError(f"QuantSpec.mse_grid must be >= 1, got {self.mse_grid!r}")
