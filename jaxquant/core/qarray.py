@@ -179,7 +179,9 @@ def _mse_scale_zero(wg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arra
 
     def err_for(r):
         s, z = scale_zero_from_range(r * xmin, r * xmax, spec)
-        e = jnp.abs(dequantize_codes(quantize_codes(w32, s, z, spec), s, z) - w32) ** spec.mse_norm
+        d = jnp.abs(dequantize_codes(quantize_codes(w32, s, z, spec), s, z) - w32)
+        # |d|^p as exp(p log|d|): XLA:CPU vectorizes exp/log, not pow (4-5x faster; 0 -> 0)
+        e = jnp.exp(spec.mse_norm * jnp.log(d))
         e = jnp.sum(e, axis=-2)
         if spec.per_tensor:
             e = jnp.sum(e, axis=(-2, -1), keepdims=True)
