@@ -25,6 +25,9 @@ def run_demo(*, model: str = "smollm2-135m", recipe: str = "gptq_w4_g64",
     m = models.load(path)
     rec = load_recipe(recipe)
     spec = rec.rules[0].spec
+    # the RTN baseline row: plain min-max RTN at the recipe's width (as the rtn_* recipes), not
+    # the recipe's own scale search
+    rtn_spec = spec.replace(scale_method="minmax", clip_ratio=1.0)
     calib = calib_windows(m.tokenizer, rec.calib["n_samples"], rec.calib["seqlen"],
                           seed=rec.calib["seed"])
     res = calibrate(path, rec, calib)
@@ -32,7 +35,7 @@ def run_demo(*, model: str = "smollm2-135m", recipe: str = "gptq_w4_g64",
     rows = []
     for name, params in (("fp (f32)", m.params),
                          (f"RTN W{spec.bits}g{spec.group_size}", quantize_linears_rtn(m.params,
-                                                                                       spec)),
+                                                                                       rtn_spec)),
                          (rec.name, res.params)):
         r = jeval.perplexity(jeval.model_logits_fn(m.config, params), w, batch_size=1,
                              vocab_size=m.config.vocab_size)
