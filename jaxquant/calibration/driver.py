@@ -46,7 +46,7 @@ from jaxquant.calibration.weight_only import LINEAR_PATHS as LINEARS
 from jaxquant.core.qarray import dequantize, split_columns
 from jaxquant.models.common.config import DecoderConfig
 from jaxquant.models.common.decoder import block_apply, embed
-from jaxquant.models.common.hf_weights import _read, _where, block_params_from_source
+from jaxquant.models.common.hf_weights import _read, block_params_from_source, check_tensor
 from jaxquant.models.loading import config_from_hf, open_source
 from jaxquant.recipes.recipe import Recipe
 
@@ -296,33 +296,25 @@ def _check_stats(stats, b):
 
 
 # ---------------------------------------------------------------------------- the driver
+_EMBED, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
 def _top_tensors(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Names and HF shapes of the tensors that stay unquantized."""
     v, d = cfg.vocab_size, cfg.hidden_size
-    out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    out = {_EMBED: (v, d), _NORM: (d,)}
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (v, d)
+        out[_HEAD] = (v, d)
     return out
-
-
-def _check_top_tensors(cfg: DecoderConfig, src) -> None:
-    """Fail before calibrating, not after, if the unquantized tensors are missing or misshapen."""
-    for name, shape in _top_tensors(cfg).items():
-        if name not in src:
-            raise ValueError(f"{_where(src)}: checkpoint is missing tensor {name!r}")
-        if tuple(src.shape(name)) != shape:
-            raise ValueError(f"{_where(src)}: tensor {name!r} has shape {tuple(src.shape(name))}"
-                             f", but the config implies {shape}")
 
 
 def _top_params(cfg: DecoderConfig, src) -> dict:
     """Embedding, final norm and (untied) LM head, in float32 (they stay unquantized)."""
-    v, d = cfg.vocab_size, cfg.hidden_size
-    top = {"embed_tokens": {"embedding": jnp.asarray(_read(src, "model.embed_tokens.weight",
-                                                           (v, d), np.float32))},
-           "norm": {"scale": jnp.asarray(_read(src, "model.norm.weight", (d,), np.float32))}}
-    if not cfg.tie_word_embeddings:
-        top["lm_head"] = {"kernel": jnp.asarray(_read(src, "lm_head.weight", (v, d),
-                                                      np.float32).T)}
+    t = {name: jnp.asarray(_read(src, name, shape, np.float32))
+         for name, shape in _top_tensors(cfg).items()}
+    top = {"embed_tokens": {"embedding": t[_EMBED]}, "norm": {"scale": t[_NORM]}}
+    if _HEAD in t:
+        top["lm_head"] = {"kernel": t[_HEAD].T}
     return top
 
 
@@ -376,7 +368,8 @@ def calibrate(
     fps = {"model": fingerprint_model(src, cfg_dict), "recipe": recipe.fingerprint(),
            "data": fingerprint_data(tokens)}
 
-    _check_top_tensors(cfg, src)
+    for name, shape in _top_tensors(cfg).items():  # fail now, not after calibrating
+        check_tensor(src, name, shape)
     paths = [f"layers/{b}/{p}" for b in range(cfg.num_layers) for p in LINEARS]
     unmatched, unused = recipe.report(paths)
     if unmatched:
@@ -418,8 +411,7 @@ def calibrate(
         os.makedirs(prog_dir, exist_ok=True)
     if X is None:  # the [V, D] table is read for this and again at the end, not held between
         X = embed({"embed_tokens": {"embedding": jnp.asarray(_read(
-            src, "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), np.float32))}},
-            jnp.asarray(tokens))
+            src, _EMBED, _top_tensors(cfg)[_EMBED], np.float32))}}, jnp.asarray(tokens))
 
     if X_ref is None and need_ref:
         # block 0: the fp and the quantized paths start from the same embeddings (a copy:

@@ -33,7 +33,8 @@ def _linear_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
     }
 
 
-def _read(src, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+def check_tensor(src, name: str, shape: tuple[int, ...]) -> None:
+    """Raise ValueError (naming the file and tensor) if ``name`` is missing or not ``shape``."""
     if name not in src:
         raise ValueError(f"{_where(src)}: checkpoint is missing tensor {name!r}")
     got = tuple(src.shape(name))
@@ -41,6 +42,10 @@ def _read(src, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         raise ValueError(
             f"{_where(src)}: tensor {name!r} has shape {got}, but the config implies {tuple(shape)}"
         )
+
+
+def _read(src, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    check_tensor(src, name, shape)
     a = np.asarray(src.get(name)).astype(dtype)
     if not np.isfinite(a.astype(np.float32)).all():
         raise ValueError(f"{_where(src)}: tensor {name!r} holds NaN/Inf values")
