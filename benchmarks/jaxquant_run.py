@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
-
-import numpy as np
 
 
 def main() -> None:
@@ -26,23 +23,21 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     args = ap.parse_args()
 
-    from jaxquant import data as jdata
+    import protocol_data
+
     from jaxquant import eval as jeval
     from jaxquant.calibration.driver import calibrate
     from jaxquant.models.assets import resolve_model_path
     from jaxquant.recipes import load_recipe
 
-    d = jdata.data_dir()
-    if d is None:
-        raise SystemExit("set $JAXQUANT_DATA to the protocol data directory")
     path = resolve_model_path(args.model)
-    calib = np.load(os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
+    calib = protocol_data.load(protocol_data.CALIB)
     recipe = load_recipe(f"{args.algo}_w{args.bits}_g{args.group}")
     t0 = time.perf_counter()
     res = calibrate(path, recipe, calib, progress=False)
     secs = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    windows = np.load(os.path.join(d, "smollm2_wikitext2_test_eval_64x512.npy"))[: args.windows]
+    windows = protocol_data.load(protocol_data.TEST)[: args.windows]
     ppl = jeval.perplexity(jeval.model_logits_fn(res.config, res.params), windows,
                            batch_size=1, progress=False)["ppl"]
     print(json.dumps({"engine": "jaxquant", "algo": args.algo, "bits": args.bits,

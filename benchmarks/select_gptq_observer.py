@@ -19,8 +19,6 @@ import json
 import os
 import time
 
-import numpy as np
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -30,6 +28,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="rows are appended to this file's rows")
     args = ap.parse_args()
 
+    import protocol_data
+
     from jaxquant import data as jdata
     from jaxquant import eval as jeval
     from jaxquant import models
@@ -37,12 +37,9 @@ def main() -> None:
     from jaxquant.models.assets import resolve_model_path
     from jaxquant.recipes import load_recipe
 
-    d = jdata.data_dir()
-    if d is None:
-        raise SystemExit("set $JAXQUANT_DATA to the protocol data directory")
     path = resolve_model_path(args.model)
-    calib = np.load(os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
-    test = np.load(os.path.join(d, "smollm2_wikitext2_test_eval_64x512.npy"))
+    calib = protocol_data.load(protocol_data.CALIB)
+    test = protocol_data.load(protocol_data.TEST)
     held = jdata.heldout_windows(models.load(path).tokenizer, 16, 512)
     rows = []
     if args.json and os.path.exists(args.json):
