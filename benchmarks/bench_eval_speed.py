@@ -41,9 +41,9 @@ def _windows(n: int) -> np.ndarray:
 
 def worker_jax(path: str, windows: np.ndarray, devices: int, batch: int) -> dict:
     if devices > 1:
-        from jaxquant.cli.main import _configure_cpu_devices
+        from jaxquant.cli.main import configure_cpu_devices
 
-        _configure_cpu_devices(devices)
+        configure_cpu_devices(devices)
     import jax
     from jax.sharding import Mesh
 

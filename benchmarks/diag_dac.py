@@ -27,7 +27,7 @@ def main() -> None:
     from jaxquant.calibration.staged import attn_pass
     from jaxquant.models.assets import resolve_model_path
     from jaxquant.models.common.decoder import block_apply, embed, post_attn_norm
-    from jaxquant.models.common.hf_weights import _read, block_params_from_source
+    from jaxquant.models.common.hf_weights import read_tensor, block_params_from_source
     from jaxquant.models.loading import config_from_hf, open_source
     from jaxquant.recipes import load_recipe
 
@@ -43,7 +43,7 @@ def main() -> None:
     cfg = config_from_hf(cd, source=path)
     tok = np.load(os.path.join(jdata.data_dir(), "smollm2_wikitext2_valid_calib_32x512.npy"))
     tok = tok[: args.windows]
-    emb = {"embed_tokens": {"embedding": jnp.asarray(_read(
+    emb = {"embed_tokens": {"embedding": jnp.asarray(read_tensor(
         src, "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), np.float32))}}
     x = embed(emb, jnp.asarray(tok))
     pos = jnp.broadcast_to(jnp.arange(tok.shape[1], dtype=jnp.int32), tok.shape)

@@ -4,8 +4,10 @@ The front door re-exports the common path explicitly; everything else lives in i
 (``jaxquant.core``, ``jaxquant.models``, ``jaxquant.eval``, ...).
 """
 
+from jaxquant.api import evaluate, load, quantize_model
 from jaxquant.core import QArray, QuantSpec, dequantize, fake_quant, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["QArray", "QuantSpec", "__version__", "dequantize", "fake_quant", "quantize"]
+__all__ = ["QArray", "QuantSpec", "__version__", "dequantize", "evaluate", "fake_quant", "load",
+           "quantize", "quantize_model"]

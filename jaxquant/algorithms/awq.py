@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxquant.algorithms.registry import Algorithm, register
+from jaxquant.algorithms.rtn import rtn
 from jaxquant.core.qarray import quantize_dequantize
 from jaxquant.core.spec import QuantSpec
 
@@ -104,3 +106,35 @@ def awq_clip(
     best_r = ratios[jnp.argmin(errs, axis=0)]  # [G, N]
     lim = best_r[:, None, :] * wmax
     return jnp.clip(Wg, -lim, lim).reshape(k, n)
+
+
+def _input_scale(X, Ws, spec: QuantSpec, **opts):
+    return awq_search_scale(X, tuple(Ws), spec, n_grid=opts["n_grid"])[0]
+
+
+def _quantize(W, stats, spec: QuantSpec, **opts):
+    """RTN of ``W`` (already multiplied by the folded scale), after the clip search on a
+    subsample of the (equally scaled) inputs."""
+    if opts["clip_search"]:
+        X = stats["tokens"]
+        n = min(opts["clip_tokens"], X.shape[0])
+        X = X[:: max(1, X.shape[0] // n)][:n]
+        W = awq_clip(X, W, spec, n_grid=opts["clip_grid"], max_shrink=opts["max_shrink"])
+    return rtn(W, spec), {}
+
+
+def _check(opts: dict, spec) -> None:
+    for k in ("n_grid", "search_tokens", "clip_grid", "clip_tokens"):
+        if opts[k] < 1:
+            raise ValueError(f"options.{k} must be >= 1, got {opts[k]}")
+    if not 0.0 <= opts["max_shrink"] < 1.0:
+        raise ValueError(f"options.max_shrink must lie in [0, 1), got {opts['max_shrink']}")
+
+
+register(Algorithm(
+    "awq", _quantize, needs=frozenset({"tokens"}),
+    options={"n_grid": 20, "search_tokens": 4096, "clip_search": True, "clip_grid": 20,
+             "max_shrink": 0.5, "clip_tokens": 512},
+    check=_check, input_scale=_input_scale, token_budget=lambda o: o["search_tokens"],
+    doc="AWQ (Lin et al. 2024): activation-aware input-channel scales folded into the producer, "
+        "clip search, RTN"))

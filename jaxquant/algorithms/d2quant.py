@@ -57,7 +57,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxquant.algorithms.gptq import _gptq_core, check_weight_and_hessian
+from jaxquant.algorithms.gptq import check_weight_and_hessian, gptq_core
+from jaxquant.algorithms.registry import Algorithm, register
 from jaxquant.core.qarray import (
     QArray,
     _grouped,
@@ -154,7 +155,7 @@ def _requantize(W, H, s, *, spec, requant, blocksize, damp, act_order, static_gr
     Ws = W / s[:, None]
     if requant == "gptq":
         Hs = H * s[:, None] * s[None, :]
-        Qt, S, Z, _ = _gptq_core(Ws.T, Hs, spec=spec, blocksize=blocksize, damp=damp,
+        Qt, S, Z, _ = gptq_core(Ws.T, Hs, spec=spec, blocksize=blocksize, damp=damp,
                                  act_order=act_order, static_groups=static_groups,
                                  max_damp_tries=6)
         Q = Qt.T
@@ -291,3 +292,27 @@ def mean_shift(h_fp: jax.Array, h_q: jax.Array) -> jax.Array:
                          f"{h_q.shape}")
     d = h_fp.astype(jnp.float32) - h_q.astype(jnp.float32)
     return jnp.mean(d.reshape(-1, d.shape[-1]), axis=0)
+
+
+# ----------------------------------------------------------------------------- registry
+def _check(opts: dict, spec) -> None:
+    if opts["iters"] < 0:
+        raise ValueError(f"options.iters must be an integer >= 0, got {opts['iters']!r}")
+    if spec is not None and spec.per_tensor:
+        raise ValueError("spec: dsq needs group-wise or per-channel scales, not per_tensor")
+
+
+def _quantize(W, stats, spec: QuantSpec, **opts):
+    qa, s_c, info = dsq(W, stats["H"], spec, **opts)
+    return qa, {"producer_scale": s_c, "history": info["history"]}
+
+
+register(Algorithm(
+    "dsq", _quantize, needs=frozenset({"H"}),
+    options={"iters": 5, "init": "ones", "requant": "gptq", "ls": "full", "refit_scales": True,
+             "monotone": True, "blocksize": 128, "damp": 0.01, "act_order": False,
+             "static_groups": False},
+    choices={"init": DSQ_INITS, "requant": DSQ_REQUANT, "ls": DSQ_LS},
+    check=_check, producer_fold=True, fold_target="gated_mlp",
+    doc="D²Quant's dual-scale quantizer; its per-input-channel scale folds into the producer "
+        "(up_proj of a gated MLP)"))

@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxquant.algorithms.registry import Algorithm, register
 from jaxquant.core.qarray import QArray, compute_scale_zero, from_codes
 from jaxquant.core.spec import QuantSpec
 
@@ -72,7 +73,7 @@ def _hinv(H: jax.Array, damp: float, max_tries: int) -> tuple[jax.Array, jax.Arr
     jax.jit,
     static_argnames=("spec", "blocksize", "damp", "act_order", "static_groups", "max_damp_tries"),
 )
-def _gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp_tries):
+def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp_tries):
     """``W`` ``[N, K]`` (paper layout), ``H`` ``[K, K]``. Returns codes ``[N, K]``, ``S``/``Z``
     ``[G, N]``, and diagnostics."""
     n, k = W.shape
@@ -205,8 +206,26 @@ def gptq(
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     if not 0 <= damp:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    Q, S, Z, diag = _gptq_core(
+    Q, S, Z, diag = gptq_core(
         w.T, H, spec=spec, blocksize=blocksize, damp=damp, act_order=act_order,
         static_groups=static_groups, max_damp_tries=max_damp_tries,
     )
     return from_codes(Q.T, S, Z, spec, dtype=w.dtype), diag
+
+
+def _check(opts: dict, spec) -> None:
+    if opts["blocksize"] < 1:
+        raise ValueError(f"options.blocksize must be >= 1, got {opts['blocksize']}")
+    if opts["damp"] < 0:
+        raise ValueError(f"options.damp must be >= 0, got {opts['damp']}")
+
+
+def _quantize(W, stats, spec: QuantSpec, **opts):
+    qa, diag = gptq(W, stats["H"], spec, **opts)
+    return qa, {"diagnostics": diag}
+
+
+register(Algorithm(
+    "gptq", _quantize, needs=frozenset({"H"}),
+    options={"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
+    check=_check, batchable=True, doc="GPTQ (Frantar et al. 2023) on H = Σ x xᵀ"))

@@ -1,5 +1,13 @@
-"""Model-level loops that feed the algorithms (capture, statistics, sequential driver)."""
+"""The calibration engine: one true-sequential loop for every model family (see engine.py)."""
 
-from jaxquant.calibration.weight_only import LINEAR_PATHS, quantize_linears_rtn
+from jaxquant.calibration.engine import (
+    BlockReport,
+    CalibrationResult,
+    LayerReport,
+    ResumeMismatchError,
+    calibrate,
+    clear_progress,
+)
 
-__all__ = ["LINEAR_PATHS", "quantize_linears_rtn"]
+__all__ = ["BlockReport", "CalibrationResult", "LayerReport", "ResumeMismatchError", "calibrate",
+           "clear_progress"]

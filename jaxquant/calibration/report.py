@@ -1,13 +1,16 @@
-"""Per-layer calibration report: a printed table, a CSV and a plot."""
+"""Calibration reports: per layer (table, CSV, plot) and per block (seconds per phase: table,
+CSV, one JSON line per block)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 import re
 from collections.abc import Sequence
 
-from jaxquant.calibration.driver import LayerReport
+from jaxquant.calibration.engine import PHASES, BlockReport, LayerReport
 
 
 def format_table(rows: Sequence[LayerReport]) -> str:
@@ -53,3 +56,28 @@ def plot(rows: Sequence[LayerReport], path: str | os.PathLike, title: str = "") 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def format_phases(blocks: Sequence[BlockReport]) -> str:
+    """Seconds per phase of every block, and the totals (where the calibration time goes)."""
+    head = f"  {'block':>5} " + " ".join(f"{p:>11}" for p in PHASES) + f" {'passes':>6}"
+    lines = [head, "  " + "-" * (len(head) - 2)]
+    for b in blocks:
+        lines.append(f"  {b.block:>5} " + " ".join(f"{getattr(b, p):>11.3f}" for p in PHASES)
+                     + f" {b.passes:>6}")
+    tot = {p: sum(getattr(b, p) for b in blocks) for p in PHASES}
+    lines.append(f"  {'total':>5} " + " ".join(f"{tot[p]:>11.3f}" for p in PHASES))
+    return "\n".join(lines)
+
+
+def write_phases_csv(blocks: Sequence[BlockReport], path: str | os.PathLike) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["block", *PHASES, "passes"])
+        for b in blocks:
+            w.writerow([b.block, *(f"{getattr(b, p):.4f}" for p in PHASES), b.passes])
+
+
+def phases_json_lines(blocks: Sequence[BlockReport]) -> str:
+    """One JSON object per block (for log scrapers): ``{"block": 0, "read": ..., ...}``."""
+    return "\n".join(json.dumps(dataclasses.asdict(b)) for b in blocks)

@@ -96,19 +96,6 @@ def cmd_generate(args) -> dict:
             "new_tokens": len(new), "seconds": round(secs, 2)}
 
 
-def _tokenizer_for(model_path: str):
-    """The checkpoint's tokenizer (embedded in a GGUF, or the HF dir's tokenizer files)."""
-    from jaxquant.models.common.gguf_io import GGUFSource
-    from jaxquant.models.loading import open_source
-
-    src, _ = open_source(model_path)
-    if isinstance(src, GGUFSource):
-        return src.tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
 def _calib_tokens(tokenizer_fn, calib: str, n: int, seqlen: int, seed: int) -> np.ndarray:
     from jaxquant import data as jdata
 
@@ -125,43 +112,38 @@ def _calib_tokens(tokenizer_fn, calib: str, n: int, seqlen: int, seed: int) -> n
 def cmd_quantize(args) -> dict:
     import resource
 
+    import jaxquant as jq
     from jaxquant.calibration import report
-    from jaxquant.calibration.checkpoint import save_quantized
-    from jaxquant.calibration.driver import calibrate, clear_progress
     from jaxquant.models.assets import resolve_model_path
+    from jaxquant.models.loading import load_tokenizer
     from jaxquant.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
     c = recipe.calib
     path = resolve_model_path(args.model)
-    tokenizers: dict = {}
-
-    def tokenizer():  # built once (a GGUF's takes seconds), used for calibration and saving
-        if "tok" not in tokenizers:
-            tokenizers["tok"] = _tokenizer_for(path)
-        return tokenizers["tok"]
-
-    tokens = _calib_tokens(tokenizer, args.calib, args.n_samples or c["n_samples"],
-                           args.seqlen or c["seqlen"], c["seed"])
+    calib = None
+    if recipe.needs_data:
+        calib = _calib_tokens(lambda: load_tokenizer(path), args.calib,
+                              args.n_samples or c["n_samples"], args.seqlen or c["seqlen"],
+                              c["seed"])
+        if args.n_samples or args.seqlen:  # the command line overrides the recipe's sizes
+            recipe = recipe.with_calib(n_samples=int(calib.shape[0]), seqlen=int(calib.shape[1]))
     mesh = _data_mesh(args.data_parallel)
-    res = calibrate(path, recipe, tokens, out_dir=args.out, resume=args.resume, mesh=mesh)
-    save_quantized(args.out, res.config, res.params, recipe=recipe.to_dict(), source=path)
-    try:
-        tokenizer().save_pretrained(args.out)
-    except Exception as e:  # a tokenizer is a convenience for eval/generate, not the product
-        logging.warning("could not save the tokenizer next to the model: %s", e)
-    report.write_csv(res.report, os.path.join(args.out, "layers.csv"))
-    report.plot(res.report, os.path.join(args.out, "layers.png"), title=f"{recipe.name}")
-    clear_progress(args.out)
+    qm = jq.quantize_model(path, recipe, calib, out=args.out, resume=args.resume, mesh=mesh)
+    res = qm.calibration
     print(report.format_table(res.report))
+    print()
+    print(report.format_phases(res.blocks))
     if res.unmatched:
         print(f"  {len(res.unmatched)} linears matched no rule (kept fp)")
     if res.unused_rules:
         print(f"  rules matching nothing: {res.unused_rules}")
     errs = [r.rel_error for r in res.report]
+    phases = {p: round(sum(getattr(b, p) for b in res.blocks), 3) for p in report.PHASES}
     return {"model": os.path.basename(path), "recipe": recipe.name, "out": args.out,
             "layers": len(res.report), "mean_rel_error": float(np.mean(errs)) if errs else 0.0,
-            "calib_seconds": round(res.seconds, 2), "resumed_from_block": res.resumed_from,
+            "calib_seconds": round(res.seconds, 2), "phase_seconds": phases,
+            "resumed_from_block": res.resumed_from,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -181,7 +163,7 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _configure_cpu_devices(n: int) -> None:
+def configure_cpu_devices(n: int) -> None:
     """Split a CPU host into ``n`` JAX devices, one Eigen thread each (before JAX starts).
 
     Data-parallel work over ``n`` single-threaded devices keeps every core busy on its own
@@ -247,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_cpu_devices(args.cpu_devices)
+    configure_cpu_devices(args.cpu_devices)
     _enable_compilation_cache()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if getattr(args, "windows", None) == 0:

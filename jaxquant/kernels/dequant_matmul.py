@@ -74,7 +74,7 @@ def check_kernel_qarray(qa: QArray) -> None:
                          "span two groups; use group_size 32/64/128/... or -1")
 
 
-def _round_up(a: int, b: int) -> int:
+def round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
@@ -99,7 +99,7 @@ def _prepare(qa: QArray, *, eff_gs: int, bn: int, kp: int):
             raise ValueError(f"group_size {gs} is not a multiple of the kernel's {eff_gs}")
         s = jnp.repeat(s, gs // eff_gs, axis=0)
         z = jnp.repeat(z, gs // eff_gs, axis=0)
-    np_ = _round_up(n, bn)
+    np_ = round_up(n, bn)
     words = _pad2(qa.packed, kp * b // 32, np_)
     g = kp // eff_gs
     sz = _pad2(s * z, g, np_)
@@ -117,7 +117,7 @@ def _x_planes(x2, *, bits: int, bk: int, kp: int, mp: int):
     return x4.transpose(3, 0, 1, 2).reshape(p, mp, kp // p)
 
 
-def _planes_from_words(words, bits: int):
+def planes_from_words(words, bits: int):
     """The integer planes of a tile of words (b in {2,4,8}: words ``[rows, bn]``; b = 3: a list
     of the 3 word rows of every chunk, each ``[C, bn]``). Returns a list of uint32 planes."""
     mask = jnp.uint32((1 << bits) - 1)
@@ -160,7 +160,7 @@ def _tpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, acc_ref, *, bits, gs, bk, nk
     cdt = x_ref.dtype
     prec = HIGHEST if cdt == jnp.float32 else None
     acc = acc_ref[...]
-    for i, q in enumerate(_planes_from_words(words, bits)):
+    for i, q in enumerate(planes_from_words(words, bits)):
         deq = (q.astype(jnp.float32) * s_rows - sz_rows).astype(cdt)
         acc += jnp.dot(x_ref[i], deq, precision=prec, preferred_element_type=jnp.float32)
     acc_ref[...] = acc
@@ -182,8 +182,8 @@ def _tpu_call(x2, qa, *, bm, bn, bk, interpret):
     bits = qa.spec.bits
     m, _ = x2.shape
     k, n = qa.shape
-    kp = _round_up(packing.padded_in_features(k), bk)
-    mp = _round_up(m, bm)
+    kp = round_up(packing.padded_in_features(k), bk)
+    mp = round_up(m, bm)
     nk = kp // bk
     gs = qa.spec.group_size
     if gs == -1 or gs > bk:  # >= 8 scale rows per K block when there are several blocks
@@ -226,14 +226,14 @@ def _kernel_blocks(qa: QArray, m: int, x_dtype, *, bm, bn, bk, gpu: bool) -> tup
         return bm, bn, bk
     p = 32 if bits == 3 else 32 // bits
     gs = qa.spec.group_size
-    bm = bm or min(_round_up(m, sub), 256)
+    bm = bm or min(round_up(m, sub), 256)
     bn = bn or (n if n < 256 else 256)
     if bk is None:
         # several K steps need lane-dense plane rows (bk/p a multiple of 128) and scale blocks
         # of >= 8 group rows; a K that fits is done in one step with whole-array blocks
         bk = 128 * p if gs == -1 else math.lcm(128 * p, 8 * gs)
         if kp32 <= bk:
-            bk = kp32 if gs == -1 else _round_up(kp32, math.lcm(32, gs))
+            bk = kp32 if gs == -1 else round_up(kp32, math.lcm(32, gs))
     if bk % 32 or (qa.spec.group_size != -1 and qa.spec.group_size <= bk
                    and bk % qa.spec.group_size):
         raise ValueError(f"K block {bk} must be a multiple of 32 and of the group size "
@@ -273,7 +273,7 @@ def _gpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, *, bits, gs, nk):
             words = w_ref[pl.ds(kk * wrows, wrows), :]
         s = s_ref[pl.ds(kk, 1), :]
         sz = sz_ref[pl.ds(kk, 1), :]
-        for i, q in enumerate(_planes_from_words(words, bits)):
+        for i, q in enumerate(planes_from_words(words, bits)):
             deq = q.astype(jnp.float32) * s - sz  # [rows, bn]
             xi = x_ref[i, :, pl.ds(kk * rows, rows)].astype(jnp.float32)  # [bm, rows]
             if rows >= 16:
@@ -291,8 +291,8 @@ def gpu_operands(x2, qa: QArray, *, bm: int, bn: int):
     group at a time (per-channel: 128 rows), ``x`` is plane-major per group. Returns
     ``(x3, words, s, sz, gs, kp, mp, np)``."""
     gs = 128 if qa.spec.group_size == -1 else qa.spec.group_size
-    kp = _round_up(packing.padded_in_features(qa.shape[0]), gs)
-    mp = _round_up(x2.shape[0], bm)
+    kp = round_up(packing.padded_in_features(qa.shape[0]), gs)
+    mp = round_up(x2.shape[0], bm)
     words, s, sz, np_ = _prepare(qa, eff_gs=gs, bn=bn, kp=kp)
     x3 = _x_planes(x2, bits=qa.spec.bits, bk=gs, kp=kp, mp=mp)
     return x3, words, s, sz, gs, kp, mp, np_

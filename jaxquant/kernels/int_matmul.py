@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jaxquant.core import packing
 from jaxquant.core.activations import quantize_per_token
 from jaxquant.core.qarray import QArray
-from jaxquant.kernels.dequant_matmul import _planes_from_words, _round_up, gpu_operands
+from jaxquant.kernels.dequant_matmul import planes_from_words, round_up, gpu_operands
 
 
 def check_int_qarray(qa: QArray, act_bits: int) -> None:
@@ -96,7 +96,7 @@ def _int_tpu_kernel(x_ref, w_ref, s_ref, sx_ref, o_ref, acc_ref, *, bits, nk):
 
     off = jnp.int32(1 << (bits - 1))
     part = None
-    for i, q in enumerate(_planes_from_words(w_ref[...], bits)):
+    for i, q in enumerate(planes_from_words(w_ref[...], bits)):
         qi = (q.astype(jnp.int32) - off).astype(jnp.int8)
         d = jnp.dot(x_ref[0, i], qi, preferred_element_type=jnp.int32)
         part = d if part is None else part + d
@@ -118,10 +118,10 @@ def _int_tpu_call(x2, qa, *, act_bits, bm, bn, interpret):
     gs = qa.spec.group_size
     kp32 = packing.padded_in_features(k)
     # one K tile per group (per-channel: tiles of up to 1024 with the same scale row)
-    bk = gs if gs != -1 else min(_round_up(kp32, 32 * p), 128 * p * 8)
-    kp = _round_up(kp32, bk)
-    mp = _round_up(m, bm)
-    np_ = _round_up(n, bn)
+    bk = gs if gs != -1 else min(round_up(kp32, 32 * p), 128 * p * 8)
+    kp = round_up(kp32, bk)
+    mp = round_up(m, bm)
+    np_ = round_up(n, bn)
     xq, sx = quantize_per_token(x2, bits=act_bits)
     xq = jnp.pad(xq, ((0, mp - m), (0, kp - k)))
     sx = jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
@@ -171,7 +171,7 @@ def int_matmul_pallas_tpu(x: jax.Array, qa: QArray, *, act_bits: int = 8,
     if k != qa.shape[0]:
         raise ValueError(f"x has {k} input features, the QArray {qa.shape[0]}")
     m = math.prod(lead) if lead else 1
-    bm = bm or min(_round_up(m, 32), 256)  # int8 operands tile by 32 rows
+    bm = bm or min(round_up(m, 32), 256)  # int8 operands tile by 32 rows
     n = qa.shape[1]
     bn = bn or (n if n < 256 else 256)
     y = _int_tpu_call(x.reshape(m, k), qa, act_bits=act_bits, bm=bm, bn=bn, interpret=interpret)
@@ -187,7 +187,7 @@ def _int_gpu_kernel(x_ref, w_ref, s_ref, sx_ref, o_ref, *, bits, gs, nk):
     def body(kk, acc):
         words = w_ref[pl.ds(kk * rows, rows), :]
         part = None
-        for i, q in enumerate(_planes_from_words(words, bits)):
+        for i, q in enumerate(planes_from_words(words, bits)):
             qi = q.astype(jnp.int32) - off  # signed codes [rows, bn]
             xi = x_ref[i, :, pl.ds(kk * rows, rows)]  # int8 [bm, rows]
             if rows >= 16:

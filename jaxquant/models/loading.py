@@ -20,12 +20,10 @@ from jaxquant.models.common.gguf_io import GGUFSource
 from jaxquant.models.common.hf_config import UnsupportedConfigError
 from jaxquant.models.common.hf_weights import params_from_source
 from jaxquant.models.common.safetensors_io import SafetensorsDir
-from jaxquant.models.llama import convert as llama_convert
-from jaxquant.models.qwen import convert as qwen_convert
+from jaxquant.models import llama, qwen
 
-_FAMILIES = {t: llama_convert for t in llama_convert.MODEL_TYPES} | {
-    t: qwen_convert for t in qwen_convert.MODEL_TYPES
-}
+# model_type -> the family package: config_from_hf, block_spec, SourceAdapter, ParamsAdapter
+_FAMILIES = {t: llama for t in llama.MODEL_TYPES} | {t: qwen for t in qwen.MODEL_TYPES}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILIES))
 
 
@@ -51,6 +49,7 @@ class LoadedModel:
     params: Any
     path: str
     source: Any = dataclasses.field(repr=False, default=None)
+    calibration: Any = dataclasses.field(repr=False, default=None)  # quantize_model's result
 
     @functools.cached_property
     def tokenizer(self):
@@ -60,6 +59,13 @@ class LoadedModel:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
+
+    def __call__(self, tokens, **forward_kw):
+        """Logits ``[B, T, V]`` (float32) of token ids ``[B, T]`` (see :func:`forward`)."""
+        from jaxquant.models.common.decoder import forward
+
+        logits, _ = forward(self.config, self.params, jnp.asarray(tokens), **forward_kw)
+        return logits
 
     @property
     def quantized(self) -> bool:
@@ -91,6 +97,16 @@ def open_source(path: str | os.PathLike):
     raise ValueError(f"{path}: expected an HF model directory or a .gguf file")
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a checkpoint: embedded in a GGUF, or an HF directory's tokenizer files."""
+    src, _ = open_source(path)
+    if isinstance(src, GGUFSource):
+        return src.tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(path))
+
+
 def _is_gguf(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -102,7 +118,7 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
     Returns:
       :class:`LoadedModel` with ``config`` (:class:`DecoderConfig`) and the stacked ``params``.
     """
-    from jaxquant.calibration.checkpoint import is_quantized_dir, load_quantized
+    from jaxquant.models.quantized import is_quantized_dir, load_quantized
 
     if os.path.isdir(path) and is_quantized_dir(path):
         cfg, params, _ = load_quantized(path)
@@ -123,3 +139,28 @@ def from_pretrained(repo_id: str, *, revision: str | None = None, **kw) -> Loade
         allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
     )
     return load(d, **kw)
+
+
+def family_of(model_type: str):
+    if model_type not in _FAMILIES:
+        raise UnsupportedConfigError(f"model_type {model_type!r} is not supported "
+                                     f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return _FAMILIES[model_type]
+
+
+def adapter_for(model):
+    """The calibration adapter of ``model``: a path (streamed from the checkpoint, one block at a
+    time) or a :class:`LoadedModel` in memory (fp, not already quantized)."""
+    if isinstance(model, LoadedModel):
+        if model.quantized:
+            raise ValueError(f"{model.path}: this model is already quantized; calibrate its fp "
+                             "checkpoint")
+        if not isinstance(model.config, DecoderConfig):
+            raise TypeError(f"no calibration adapter for a {type(model.config).__name__}")
+        # Llama, Qwen2 and Qwen3 share the decoder's block spec and adapters
+        return llama.ParamsAdapter(model.config, model.params)
+    src, cfg_dict = open_source(model)
+    where = os.path.join(os.fspath(model), "config.json") if os.path.isdir(model) \
+        else os.fspath(model)
+    cfg = config_from_hf(cfg_dict, source=where)
+    return family_of(cfg_dict.get("model_type")).SourceAdapter(cfg, src, cfg_dict)

@@ -19,7 +19,7 @@ from jaxquant.core.qarray import QArray, dequantize
 from jaxquant.kernels.dispatch import quant_matmul
 
 
-def _bcast_last(v: jax.Array, ndim: int) -> jax.Array:
+def bcast_last(v: jax.Array, ndim: int) -> jax.Array:
     """Reshape a ``[D]`` vector to rank ``ndim`` for explicit (rank-strict) broadcasting."""
     return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
 
@@ -42,7 +42,7 @@ def linear(
             else kernel.astype(x.dtype)
         y = jnp.matmul(x, w, precision=precision)
     if bias is not None:
-        y = y + _bcast_last(bias.astype(y.dtype), y.ndim)
+        y = y + bcast_last(bias.astype(y.dtype), y.ndim)
     return y
 
 

@@ -1,5 +1,5 @@
-"""Recipes: ordered regex rules on parameter paths -> algorithm + QuantSpec (data, not code)."""
+"""Recipes: ordered regex rules on parameter paths -> algorithm + spec + options (data, not code)."""
 
-from jaxquant.recipes.recipe import ALGORITHMS, Recipe, Rule, load_recipe
+from jaxquant.recipes.recipe import Recipe, RecipeError, Rule, load_recipe
 
-__all__ = ["ALGORITHMS", "Recipe", "Rule", "load_recipe"]
+__all__ = ["Recipe", "RecipeError", "Rule", "load_recipe"]

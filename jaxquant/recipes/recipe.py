@@ -20,29 +20,19 @@ from typing import Any
 
 import yaml
 
+from jaxquant import algorithms  # noqa: F401  (registers the algorithms)
+from jaxquant.algorithms import registry
 from jaxquant.core.spec import QuantSpec
 
-ALGORITHMS = {
-    "none": {},
-    "rtn": {},
-    "gptq": {"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
-    # D²Quant's dual-scale quantizer (down_proj only; its s^c folds into up_proj's scales)
-    "dsq": {"iters": 5, "init": "ones", "requant": "gptq", "ls": "full", "refit_scales": True,
-            "monotone": True,
-            "blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
-    "awq": {"n_grid": 20, "search_tokens": 4096, "clip_search": True, "clip_grid": 20,
-            "max_shrink": 0.5, "clip_tokens": 512},
-}
+KEEP_FP = "none"  # the algorithm name that keeps a layer in floating point
 _RULE_KEYS = {"pattern", "algorithm", "spec", "options"}
-_RECIPE_KEYS = {"name", "description", "rules", "calibration", "sequential", "dac"}
-# how a block is calibrated: "block" = one statistics pass on the fp block for all its linears;
-# "attn_mlp" = attention first, then (DAC and) a second pass for the MLP inputs through the
-# quantized attention (D²Quant's order).
-SEQUENTIAL = ("block", "attn_mlp")
+_RECIPE_KEYS = {"name", "description", "rules", "calibration", "reference", "dac"}
+# the fp reference stream a recipe may ask for (one more forward per block): the fp model's own
+# activations ("fp_prefix") or the fp block on the quantized stream's block input ("same_input")
+REFERENCES = ("fp_prefix", "same_input")
 # D²Quant's deviation-aware correction (a bias in RMSNorms)
 _DAC_KEYS = {"norms": ("post_attention_layernorm",), "reference": "same_input"}
-DAC_NORMS = ("input_layernorm", "post_attention_layernorm")
-DAC_REFERENCES = ("same_input", "fp_prefix")
+DAC_REFERENCES = REFERENCES
 _CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0}
 _SPEC_KEYS = {f.name for f in dataclasses.fields(QuantSpec)}
 RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "recipes")
@@ -64,7 +54,11 @@ class Rule:
 
     @property
     def opts(self) -> dict:
-        return {**ALGORITHMS[self.algorithm], **dict(self.options)}
+        """The rule's options with the algorithm's defaults filled in."""
+        if self.algorithm == KEEP_FP:
+            return {}
+        return registry.get(self.algorithm).resolve(dict(self.options), self.spec,
+                                                    f"rule {self.pattern!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +68,7 @@ class Recipe:
     calibration: tuple[tuple[str, Any], ...] = ()
     description: str = ""
     source: str = "<dict>"
-    sequential: str = "block"
+    reference_stream: str | None = None
     dac_options: tuple[tuple[str, Any], ...] | None = None  # None: no DAC
 
     @property
@@ -85,9 +79,11 @@ class Recipe:
         return {**_DAC_KEYS, **dict(self.dac_options)}
 
     @property
-    def staged(self) -> bool:
-        """Attention before MLP inside a block (a second statistics pass)."""
-        return self.sequential == "attn_mlp"
+    def reference(self) -> str | None:
+        """The fp reference stream the calibration carries (None: none, no extra forward)."""
+        if self.reference_stream is not None:
+            return self.reference_stream
+        return self.dac["reference"] if self.dac else None
 
     def match(self, path: str) -> Rule | None:
         """The first rule whose pattern fully matches ``path`` (None: keep fp)."""
@@ -120,18 +116,24 @@ class Recipe:
                 for r in self.rules
             ],
             "calibration": dict(self.calibration),
-            "sequential": self.sequential,
+            "reference": self.reference_stream,
             "dac": None if self.dac_options is None else
             {k: list(v) if isinstance(v, tuple) else v for k, v in self.dac_options},
         }
+
+    def with_calib(self, **kw) -> Recipe:
+        """A copy with calibration settings replaced (e.g. a command line's ``--n-samples``)."""
+        _unknown(kw, _CALIB_KEYS, f"{self.source}: calibration")
+        return dataclasses.replace(self, calibration=tuple({**dict(self.calibration),
+                                                            **kw}.items()))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def needs_data(self) -> bool:
-        return self.dac_options is not None or any(
-            r.algorithm in ("gptq", "awq", "dsq") for r in self.rules)
+        return self.reference is not None or any(
+            r.algorithm != KEEP_FP and registry.get(r.algorithm).needs for r in self.rules)
 
 
 def _unknown(keys, allowed, where: str) -> None:
@@ -143,6 +145,10 @@ def _unknown(keys, allowed, where: str) -> None:
 def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
     if not isinstance(d, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping, got {type(d).__name__}")
+    if "sequential" in d:
+        raise RecipeError(f"{source}: 'sequential' is gone: every recipe is calibrated "
+                          "true-sequentially (each stage of a block sees the quantized earlier "
+                          "stages); remove the key")
     _unknown(d, _RECIPE_KEYS, source)
     if not d.get("rules"):
         raise RecipeError(f"{source}: 'rules' must be a non-empty list")
@@ -159,12 +165,13 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
         except re.error as e:
             raise RecipeError(f"{where}: pattern {r['pattern']!r} is not a regex ({e})") from None
         algo = r["algorithm"]
-        if algo not in ALGORITHMS:
+        if algo != KEEP_FP and algo not in registry.names():
             raise RecipeError(
-                f"{where}: unknown algorithm {algo!r}; known: {sorted(ALGORITHMS)}"
+                f"{where}: unknown algorithm {algo!r}; known: {[KEEP_FP, *registry.names()]}"
             )
         opts = r.get("options") or {}
-        _unknown(opts, ALGORITHMS[algo], f"{where}.options")
+        if not isinstance(opts, dict):
+            raise RecipeError(f"{where}.options: must be a mapping, got {opts!r}")
         spec = None
         if algo != "none":
             s = r.get("spec") or {}
@@ -173,8 +180,11 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
                 spec = QuantSpec(**s)
             except ValueError as e:
                 raise RecipeError(f"{where}.spec: {e}") from None
-        if algo == "dsq":
-            _check_dsq(opts, spec, where)
+        if algo != KEEP_FP:
+            try:
+                registry.get(algo).resolve(opts, spec, where)
+            except registry.OptionError as e:
+                raise RecipeError(str(e)) from None
         rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items()))))
     calib = d.get("calibration") or {}
     _unknown(calib, _CALIB_KEYS, f"{source}: calibration")
@@ -190,43 +200,24 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
         norms = dac["norms"]
         if isinstance(norms, str):
             norms = [norms]
-        if not norms or any(n not in DAC_NORMS for n in norms):
-            raise RecipeError(f"{source}: dac.norms must be a non-empty list of {DAC_NORMS}, "
-                              f"got {dac['norms']!r}")
+        if not norms or not all(isinstance(n, str) for n in norms):
+            raise RecipeError(f"{source}: dac.norms must be a non-empty list of norm names (the "
+                              f"family's block spec checks them), got {dac['norms']!r}")
         if dac["reference"] not in DAC_REFERENCES:
             raise RecipeError(f"{source}: dac.reference must be one of {DAC_REFERENCES}, "
                               f"got {dac['reference']!r}")
-        if "input_layernorm" in norms and dac["reference"] == "same_input":
-            raise RecipeError(
-                f"{source}: dac.norms includes input_layernorm, which needs "
-                "dac.reference: fp_prefix (with the same input, the fp and quantized paths "
-                "agree at the input norm, so its mean shift is zero)")
-        dac_opts = (("norms", tuple(n for n in DAC_NORMS if n in norms)),
+        dac_opts = (("norms", tuple(norms)),
                     ("reference", dac["reference"]))
-    sequential = d.get("sequential", "attn_mlp" if dac_opts is not None else "block")
-    if sequential not in SEQUENTIAL:
-        raise RecipeError(f"{source}: sequential must be one of {SEQUENTIAL}, got "
-                          f"{sequential!r}")
-    if dac_opts is not None and sequential != "attn_mlp":
-        raise RecipeError(f"{source}: dac needs sequential: attn_mlp (the MLP must see the "
-                          "corrected outputs of the quantized attention)")
+    ref = d.get("reference")
+    if ref is not None and ref not in REFERENCES:
+        raise RecipeError(f"{source}: reference must be one of {REFERENCES} (or absent), got "
+                          f"{ref!r}")
+    if ref is not None and dac_opts is not None and dict(dac_opts)["reference"] != ref:
+        raise RecipeError(f"{source}: dac.reference {dict(dac_opts)['reference']!r} differs "
+                          f"from the recipe's reference stream {ref!r}")
     return Recipe(d.get("name", os.path.basename(source)), tuple(rules),
                   tuple(sorted(calib.items())), d.get("description", ""), source,
-                  sequential, dac_opts)
-
-
-def _check_dsq(opts: dict, spec: QuantSpec, where: str) -> None:
-    from jaxquant.algorithms.d2quant import DSQ_INITS, DSQ_LS, DSQ_REQUANT
-
-    for key, allowed in (("init", DSQ_INITS), ("requant", DSQ_REQUANT), ("ls", DSQ_LS)):
-        if key in opts and opts[key] not in allowed:
-            raise RecipeError(f"{where}.options.{key}: must be one of {allowed}, "
-                              f"got {opts[key]!r}")
-    if "iters" in opts and (not isinstance(opts["iters"], int) or opts["iters"] < 0):
-        raise RecipeError(f"{where}.options.iters: must be an integer >= 0, got {opts['iters']!r}")
-    if spec.per_tensor:
-        raise RecipeError(f"{where}.spec: dsq needs group-wise or per-channel scales, not "
-                          "per_tensor")
+                  ref, dac_opts)
 
 
 def load_recipe(name_or_path: str | os.PathLike | dict) -> Recipe:

@@ -11,7 +11,7 @@ import pytest
 import jaxquant as jq
 from jaxquant import models
 from jaxquant.calibration.capture import run_block_capture
-from jaxquant.calibration.checkpoint import load_quantized, save_quantized
+from jaxquant.models.quantized import load_quantized, save_quantized
 from jaxquant.calibration.driver import calibrate
 from jaxquant.models.common.decoder import block_apply, embed
 from jaxquant.recipes import load_recipe

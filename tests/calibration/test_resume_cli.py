@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxquant import models
-from jaxquant.calibration.checkpoint import load_tree
+from jaxquant.models.quantized import load_tree
 from tests.models.hf_tiny import make_hf_model
 
 RECIPE = """name: gptq_tiny

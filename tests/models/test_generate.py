@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import models
-from jaxquant.models.common.generate import _filter_logits, generate
+from jaxquant.models.common.generate import filter_logits, generate
 from tests.models.hf_tiny import make_hf_model
 
 
@@ -36,11 +36,11 @@ def test_cached_decoding_equals_full_forward(tmp_path):
 
 def test_top_k_top_p_filtering():
     lg = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
-    keep_k = np.asarray(_filter_logits(lg, 2, None)) > -1e30
+    keep_k = np.asarray(filter_logits(lg, 2, None)) > -1e30
     np.testing.assert_array_equal(keep_k, [[True, True, False, False]])
-    keep_p = np.asarray(_filter_logits(lg, None, 0.7)) > -1e30  # 0.5 < 0.7 -> keep 0.3 too
+    keep_p = np.asarray(filter_logits(lg, None, 0.7)) > -1e30  # 0.5 < 0.7 -> keep 0.3 too
     np.testing.assert_array_equal(keep_p, [[True, True, False, False]])
-    keep_p1 = np.asarray(_filter_logits(lg, None, 0.4)) > -1e30
+    keep_p1 = np.asarray(filter_logits(lg, None, 0.4)) > -1e30
     np.testing.assert_array_equal(keep_p1, [[True, False, False, False]])
 
 

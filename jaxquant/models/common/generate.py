@@ -16,7 +16,7 @@ from jaxquant.models.common.config import DecoderConfig
 from jaxquant.models.common.decoder import forward, init_cache
 
 
-def _filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+def filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
     """Mask logits ``[B, V]`` outside the top-k and the top-p nucleus with -inf."""
     neg = jnp.finfo(jnp.float32).min
     if top_k is not None:
@@ -35,7 +35,7 @@ def _filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None) ->
 def _pick(logits, key, temperature, top_k, top_p):
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    lg = _filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+    lg = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
     return jax.random.categorical(key, lg, axis=-1).astype(jnp.int32)
 
 

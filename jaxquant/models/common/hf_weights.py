@@ -44,7 +44,7 @@ def check_tensor(src, name: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def _read(src, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+def read_tensor(src, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     check_tensor(src, name, shape)
     a = np.asarray(src.get(name)).astype(dtype)
     if not np.isfinite(a.astype(np.float32)).all():
@@ -64,24 +64,24 @@ def block_params_from_source(cfg: DecoderConfig, src, i: int, dtype=np.float32) 
     block: dict = {"self_attn": {}, "mlp": {}}
     for group, names in _LINEARS.items():
         for n in names:
-            w = _read(src, f"{p}{group}.{n}.weight", shapes[n], dtype)
+            w = read_tensor(src, f"{p}{group}.{n}.weight", shapes[n], dtype)
             block[group][n] = {"kernel": np.ascontiguousarray(w.T)}
             bias_name = f"{p}{group}.{n}.bias"
             wants_bias = cfg.attention_bias and n in ("q_proj", "k_proj", "v_proj")
             if wants_bias:
-                block[group][n]["bias"] = _read(src, bias_name, (shapes[n][0],), dtype)
+                block[group][n]["bias"] = read_tensor(src, bias_name, (shapes[n][0],), dtype)
             elif bias_name in src:
                 raise ValueError(
                     f"{_where(src)}: unexpected tensor {bias_name!r}: the config has no bias there"
                 )
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        block[norm] = {"scale": _read(src, f"{p}{norm}.weight", (d,), dtype)}
+        block[norm] = {"scale": read_tensor(src, f"{p}{norm}.weight", (d,), dtype)}
         if f"{p}{norm}.bias" in src or cfg.norm_bias:
-            block[norm]["bias"] = _read(src, f"{p}{norm}.bias", (d,), dtype)
+            block[norm]["bias"] = read_tensor(src, f"{p}{norm}.bias", (d,), dtype)
     if cfg.qk_norm:
         for n in ("q_norm", "k_norm"):
             block["self_attn"][n] = {
-                "scale": _read(src, f"{p}self_attn.{n}.weight", (cfg.head_dim,), dtype)
+                "scale": read_tensor(src, f"{p}self_attn.{n}.weight", (cfg.head_dim,), dtype)
             }
     return block
 
@@ -97,15 +97,15 @@ def params_from_source(cfg: DecoderConfig, src, dtype=np.float32) -> dict:
     """The full stacked parameter tree of a decoder (see :mod:`jaxquant.models.common.decoder`)."""
     v, d = cfg.vocab_size, cfg.hidden_size
     params = {
-        "embed_tokens": {"embedding": jnp.asarray(_read(src, "model.embed_tokens.weight", (v, d),
+        "embed_tokens": {"embedding": jnp.asarray(read_tensor(src, "model.embed_tokens.weight", (v, d),
                                                         dtype))},
         "layers": stack_blocks(
             [block_params_from_source(cfg, src, i, dtype) for i in range(cfg.num_layers)]
         ),
-        "norm": {"scale": jnp.asarray(_read(src, "model.norm.weight", (d,), dtype))},
+        "norm": {"scale": jnp.asarray(read_tensor(src, "model.norm.weight", (d,), dtype))},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(_read(src, "lm_head.weight", (v, d), dtype).T)}
+        params["lm_head"] = {"kernel": jnp.asarray(read_tensor(src, "lm_head.weight", (v, d), dtype).T)}
     if f"model.layers.{cfg.num_layers}.input_layernorm.weight" in src:
         raise ValueError(
             f"{_where(src)}: checkpoint has more blocks than num_hidden_layers={cfg.num_layers}"

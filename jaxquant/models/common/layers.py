@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.models.common.config import DecoderConfig, RopeConfig
-from jaxquant.nn.linear import Linear, _bcast_last
+from jaxquant.nn.linear import Linear, bcast_last
 
 
 # -------------------------------------------------------------------- norms
@@ -29,10 +29,10 @@ class RMSNorm(nn.Module):
         g = self.param("scale", nn.initializers.ones, (d,))
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        y = y * _bcast_last(g.astype(jnp.float32), y.ndim)
+        y = y * bcast_last(g.astype(jnp.float32), y.ndim)
         if self.use_bias or self.has_variable("params", "bias"):
             b = self.param("bias", nn.initializers.zeros, (d,))
-            y = y + _bcast_last(b.astype(jnp.float32), y.ndim)
+            y = y + bcast_last(b.astype(jnp.float32), y.ndim)
         return y.astype(x.dtype)
 
 
@@ -132,6 +132,19 @@ def grouped_attention(q, k, v, mask, num_kv_heads: int, *, causal_blocks: int = 
     return o.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
 
 
+def heads_with_rope(cfg: DecoderConfig, q, k, v, positions, q_norm=None, k_norm=None):
+    """Projected ``q`` ``[B, T, H*hd]``, ``k``/``v`` ``[B, T, KV*hd]`` -> per-head ``q``, ``k``
+    (qk-normed by the callables ``q_norm``/``k_norm`` when given, then rotated) and ``v``."""
+    b, t, _ = q.shape
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 # query blocks of a cache-less causal attention (see grouped_attention's causal_blocks)
 CAUSAL_BLOCKS = 4
 
@@ -145,21 +158,15 @@ class Attention(nn.Module):
         """``x`` ``[B, T, D]``; ``mask`` ``[B,1,1,T,S]``; ``cache`` = (k, v) ``[B, S, KV, hd]``
         written at ``cache_index`` (a scalar). Returns ``(y [B, T, D], new cache or None)``."""
         c = self.cfg
-        b, t, _ = x.shape
         ab = self.act_bits
         q = Linear(c.num_heads * c.head_dim, use_bias=c.attention_bias, act_bits=ab, name="q_proj")(x)
         k = Linear(c.num_kv_heads * c.head_dim, use_bias=c.attention_bias, act_bits=ab,
                    name="k_proj")(x)
         v = Linear(c.num_kv_heads * c.head_dim, use_bias=c.attention_bias, act_bits=ab,
                    name="v_proj")(x)
-        q = q.reshape(b, t, c.num_heads, c.head_dim)
-        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qn = RMSNorm(c.rms_norm_eps, name="q_norm") if c.qk_norm else None
+        kn = RMSNorm(c.rms_norm_eps, name="k_norm") if c.qk_norm else None
+        q, k, v = heads_with_rope(c, q, k, v, positions, qn, kn)
         new_cache = None
         if cache is not None:
             k_cache, v_cache = cache

@@ -1,5 +1,12 @@
-"""Llama 2/3/3.1 (and SmolLM, Mistral without sliding window)."""
+"""Llama 2/3/3.1 (and SmolLM, Mistral without sliding window).
 
-from jaxquant.models.llama.convert import config_from_hf
+The calibration engine sees this family through its block spec (the shared decoder block: qk-norm
+and biases are config switches) and its adapters over a checkpoint or params in memory.
+"""
 
-__all__ = ["config_from_hf"]
+from jaxquant.models.common.decoder_spec import DecoderParamsAdapter as ParamsAdapter
+from jaxquant.models.common.decoder_spec import DecoderSourceAdapter as SourceAdapter
+from jaxquant.models.common.decoder_spec import decoder_block_spec as block_spec
+from jaxquant.models.llama.convert import MODEL_TYPES, config_from_hf
+
+__all__ = ["MODEL_TYPES", "ParamsAdapter", "SourceAdapter", "block_spec", "config_from_hf"]

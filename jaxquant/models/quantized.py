@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from jaxquant.core.qarray import QArray
 from jaxquant.core.spec import QuantSpec
+from jaxquant.models.common.config import DecoderConfig, RopeConfig
 
 TREE_FILE = "tree.json"
 
@@ -97,8 +98,6 @@ def config_to_dict(cfg) -> dict:
 
 
 def config_from_dict(d: dict):
-    from jaxquant.models.common.config import DecoderConfig, RopeConfig
-
     d = dict(d)
     d["rope"] = RopeConfig(**d["rope"])
     if isinstance(d.get("eos_token_id"), list):

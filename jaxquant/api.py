@@ -1,0 +1,150 @@
+"""The front door: three calls for the common path.
+
+::
+
+    import jaxquant as jq
+    model = jq.load("smollm2-135m")                        # HF dir, .gguf, quantized dir, or alias
+    qmodel = jq.quantize_model(model, "gptq_w4_g64", "wikitext2", out="out/w4")
+    print(jq.evaluate(qmodel, data="wikitext2", windows=64))   # {"ppl": ..., "tokens": ...}
+
+Everything underneath (the calibration engine, the recipes, the eval loops) stays reachable from
+its own module for research use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxquant.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | os.PathLike, **kw) -> LoadedModel:
+    """Load a model: an HF safetensors directory, a ``.gguf`` file, a jaxquant quantized
+    directory, or a bundled alias (``"smollm2-135m"``). The result is callable:
+    ``model(tokens) -> logits``."""
+    from jaxquant.models.assets import resolve_model_path
+    from jaxquant.models.loading import load as _load_path
+
+    return _load_path(resolve_model_path(os.fspath(path)), **kw)
+
+
+def _calib_data(calib: Any, tokenizer, recipe) -> Any:
+    """Token windows from ``"wikitext2"`` / a ``.npy`` path, or ``calib`` itself."""
+    from jaxquant import data as jdata
+
+    c = recipe.calib
+    if isinstance(calib, str | os.PathLike):
+        s = os.fspath(calib)
+        if s == "wikitext2":
+            return jdata.calib_windows(tokenizer(), int(c["n_samples"]), int(c["seqlen"]),
+                                       seed=int(c["seed"]))
+        if s.endswith(".npy"):
+            if not os.path.isfile(s):
+                raise FileNotFoundError(f"calib: file not found: {s}")
+            arr = np.load(s, allow_pickle=False)
+            return arr if arr.ndim == 2 else jdata.windows_from_tokens(
+                arr, int(c["n_samples"]), int(c["seqlen"]))
+        raise ValueError(f"calib: expected 'wikitext2', a .npy file of token ids, an array or a "
+                         f"dict of batch fields; got {s!r}")
+    return calib
+
+
+def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = "wikitext2",
+                   out: str | os.PathLike | None = None, *, resume: bool = False, mesh=None,
+                   progress: bool = True) -> LoadedModel:
+    """Quantize ``model`` with ``recipe`` and return the quantized model (callable).
+
+    Args:
+      model: a path (the checkpoint is streamed one block at a time, so a model larger than
+        memory calibrates) or a :class:`LoadedModel` in memory.
+      recipe: a shipped recipe name (``"gptq_w4_g64"``), a YAML path or a dict.
+      calib: ``"wikitext2"`` (the protocol's calibration windows), a ``.npy`` of token ids, an
+        array ``[n, T]``, a dict of batch fields, or None for a data-free recipe.
+      out: save the quantized model (safetensors + ``jaxquant.json``), its tokenizer and the
+        reports (``layers.csv``, ``layers.png``, ``blocks.csv``) there; progress is checkpointed
+        after every block, and ``resume=True`` continues an interrupted run.
+
+    The returned model's ``calibration`` attribute holds the engine's
+    :class:`~jaxquant.calibration.engine.CalibrationResult` (per-layer errors, per-block phases).
+    """
+    from jaxquant.calibration import report
+    from jaxquant.calibration.engine import calibrate, clear_progress
+    from jaxquant.models.assets import resolve_model_path
+    from jaxquant.models.loading import adapter_for
+    from jaxquant.models.quantized import save_quantized
+    from jaxquant.recipes import Recipe, load_recipe
+
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if isinstance(model, LoadedModel):
+        src_path = model.path
+        tok_cache = [model.tokenizer] if "tokenizer" in model.__dict__ else []
+    else:
+        src_path = resolve_model_path(os.fspath(model))
+        tok_cache = []
+
+    def tokenizer():
+        if not tok_cache:
+            from jaxquant.models.loading import load_tokenizer
+
+            tok_cache.append(load_tokenizer(src_path))
+        return tok_cache[0]
+
+    adapter = adapter_for(model if isinstance(model, LoadedModel) else src_path)
+    data = _calib_data(calib, tokenizer, rec) if rec.needs_data else None
+    res = calibrate(adapter, rec, data, out_dir=out, resume=resume, mesh=mesh,
+                    progress=progress)
+    qm = LoadedModel(res.config, res.params, os.fspath(out) if out else src_path, "jaxquant",
+                     calibration=res)
+    if out is not None:
+        t0 = time.perf_counter()
+        save_quantized(out, res.config, res.params, recipe=rec.to_dict(), source=src_path)
+        try:
+            tokenizer().save_pretrained(out)
+        except Exception as e:  # a tokenizer is a convenience for eval/generate, not the product
+            log.warning("could not save the tokenizer next to the model: %s", e)
+        report.write_csv(res.report, os.path.join(out, "layers.csv"))
+        report.write_phases_csv(res.blocks, os.path.join(out, "blocks.csv"))
+        if res.report:
+            report.plot(res.report, os.path.join(out, "layers.png"), title=rec.name)
+        clear_progress(out)
+        log.info("saved %s in %.1f s", out, time.perf_counter() - t0)
+    return qm
+
+
+def evaluate(model: LoadedModel | str | os.PathLike, data: Any = "wikitext2", windows: int = 64,
+             *, seqlen: int = 512, batch_size: int = 1, mesh=None, progress: bool = True) -> dict:
+    """Perplexity of ``model`` on ``data``: ``"wikitext2"`` (the protocol's test windows), a
+    ``.npy`` of token ids, or token windows ``[n, T]``. Returns ``{"ppl", "nll", "tokens",
+    "windows", "seconds"}``."""
+    from jaxquant import data as jdata
+    from jaxquant import eval as jeval
+
+    t0 = time.perf_counter()
+    m = model if isinstance(model, LoadedModel) else load(model)
+    if isinstance(data, str | os.PathLike):
+        s = os.fspath(data)
+        if s == "wikitext2":
+            w = jdata.eval_windows(m.tokenizer, windows or None, seqlen)
+        elif s.endswith(".npy"):
+            arr = np.load(s, allow_pickle=False)
+            w = jdata.windows_from_tokens(arr, windows or None, seqlen) if arr.ndim == 1 \
+                else (arr[:windows] if windows else arr)
+        else:
+            raise ValueError(f"data: expected 'wikitext2', a .npy file of token ids or an array "
+                             f"[n, T]; got {s!r}")
+    else:
+        w = np.asarray(data)
+        if w.ndim != 2:
+            raise ValueError(f"data: token windows must be [n, T], got shape {w.shape}")
+        w = w[:windows] if windows else w
+    r = jeval.perplexity(jeval.model_logits_fn(m.config, m.params), w, batch_size=batch_size,
+                         vocab_size=m.config.vocab_size, mesh=mesh, progress=progress)
+    return {**r, "windows": int(w.shape[0]), "seqlen": int(w.shape[1]),
+            "seconds": round(time.perf_counter() - t0, 2)}

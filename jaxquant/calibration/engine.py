@@ -1,0 +1,620 @@
+"""The calibration engine: one loop for every model family, true-sequential, one forward per block.
+
+For each layer block ``b`` (parameters streamed from the checkpoint by the family's adapter)::
+
+    read      fp block params
+    for each stage of the family's BlockSpec, in true-sequential order:
+      statistics   state = stage.fn(quantized params so far, state) over all samples, chunk by
+                   chunk, accumulating the statistics of state[stage.input] that the stage's
+                   algorithms need (and of the fp reference stream, when the recipe asks for one)
+      corrections  DAC: a norm producer gets the bias mean(ref) − mean(quantized); the state and
+                   the statistics are shifted exactly (no second pass)
+      algorithm    per linear, the registered algorithm; AWQ-like input scales and DSQ-like
+                   channel scales are folded into the stage's producer (state and stats rescaled)
+    propagation   X_{b+1} = finish(quantized params, state)
+    checkpoint    quantized block b, X_{b+1} (and the reference stream), the report: resume point
+
+Each stage function runs once per sample, so a block costs one forward (two with a reference
+stream). A recipe whose algorithms need no data runs no forward at all. The engine names no
+family, no linear and no tensor: everything comes from the adapter and its block spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jaxquant.algorithms import registry
+from jaxquant.calibration import stats as S
+from jaxquant.core.qarray import QArray, dequantize, split_columns
+from jaxquant.models.blockspec import BlockSpec, ModelAdapter, Producer, Stage
+from jaxquant.models.quantized import load_tree, save_tree
+from jaxquant.recipes.recipe import KEEP_FP, Recipe
+
+log = logging.getLogger(__name__)
+PROGRESS_DIR = "progress"
+STATE_FILE = "state.json"
+PHASES = ("read", "statistics", "algorithm", "propagation", "checkpoint")
+
+
+class ResumeMismatchError(ValueError):
+    """A resume whose model, recipe or calibration data differ from the saved run."""
+
+
+@dataclasses.dataclass
+class LayerReport:
+    layer: str
+    algorithm: str
+    bits: int | None
+    rel_error: float
+    seconds: float
+
+
+@dataclasses.dataclass
+class BlockReport:
+    """Seconds per phase of one layer block (see :data:`PHASES`) and its stream passes."""
+
+    block: int
+    read: float = 0.0
+    statistics: float = 0.0
+    algorithm: float = 0.0
+    propagation: float = 0.0
+    checkpoint: float = 0.0
+    passes: int = 0
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    config: Any
+    params: Any
+    report: list[LayerReport]
+    seconds: float
+    unmatched: list[str]
+    unused_rules: list[str]
+    resumed_from: int = 0
+    blocks: list[BlockReport] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- tree helpers
+def get_path(tree: dict, path: str):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict, path: str, value) -> dict:
+    """Functional update of a nested dict at ``a/b/c``."""
+    k, _, rest = path.partition("/")
+    out = dict(tree)
+    out[k] = set_path(tree[k], rest, value) if rest else value
+    return out
+
+
+def _is_q(a) -> bool:
+    return isinstance(a, QArray)
+
+
+@jax.jit
+def dense_params(tree):
+    """``tree`` with every QArray dequantized to float32 (done once per stage, not per chunk)."""
+    return jax.tree.map(lambda a: dequantize(a, dtype=jnp.float32) if _is_q(a) else a, tree,
+                        is_leaf=_is_q)
+
+
+def scale_columns(w, c):
+    """Output channels of a dense kernel ``[K, N]`` / bias ``[N]`` / QArray times ``c`` ``[N]``."""
+    c = jnp.asarray(c, jnp.float32)
+    if isinstance(w, QArray):
+        if w.spec.per_tensor:
+            raise ValueError("cannot fold a per-channel scale into a per-tensor QArray")
+        return w.replace(scale=(w.scale.astype(jnp.float32) * c[None, :]).astype(w.scale.dtype))
+    return (w.astype(jnp.float32) * c.reshape((1,) * (w.ndim - 1) + (-1,))).astype(w.dtype)
+
+
+def fold_into_producer(bp: dict, producer: Producer, c) -> dict:
+    """Multiply the producer's output channels by ``c`` (a norm's gain and bias, or a linear's
+    kernel columns and bias), so the stage input becomes ``x ⊙ c``."""
+    for path in producer.paths:
+        node = get_path(bp, path)
+        keys = ("scale", "bias") if producer.kind == "norm" else ("kernel", "bias")
+        for k in keys:
+            if k in node:
+                bp = set_path(bp, f"{path}/{k}", scale_columns(node[k], c))
+    return bp
+
+
+def _add_bias(bp: dict, path: str, mu) -> dict:
+    old = get_path(bp, path).get("bias")
+    return set_path(bp, f"{path}/bias", mu if old is None else old + mu)
+
+
+def rel_error(W, W_hat, H=None) -> float:
+    """``‖X(W − Ŵ)‖ / ‖XW‖`` from ``H = XᵀX`` (weight space ``‖W − Ŵ‖/‖W‖`` without data)."""
+    d = (W - W_hat).astype(jnp.float32)
+    W = W.astype(jnp.float32)
+    if H is None:
+        return float(jnp.sqrt(jnp.sum(d * d) / jnp.maximum(jnp.sum(W * W), 1e-30)))
+    num = jnp.sum(d * (H @ d))
+    den = jnp.sum(W * (H @ W))
+    return float(jnp.sqrt(num / jnp.maximum(den, 1e-30)))
+
+
+# ---------------------------------------------------------------------------- passes
+def _chunk(tree, bs):
+    """``[n, ...] -> [n/bs, bs, ...]`` with chunk ``c`` holding samples ``c, c + n/bs, ...``
+    (strided, so a batch axis sharded over devices stays sharded inside every chunk)."""
+    def f(a):
+        n = a.shape[0]
+        return a.reshape(bs, n // bs, *a.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(f, tree)
+
+
+def _unchunk(tree):
+    return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[2:]), tree)
+
+
+def _empty_stats(like):
+    def init(path, sd):
+        name = path[-1].key
+        if name == "max":
+            return jnp.full(sd.shape, -jnp.inf, sd.dtype)
+        if name == "min":
+            return jnp.full(sd.shape, jnp.inf, sd.dtype)
+        if name == "finite":
+            return jnp.ones(sd.shape, sd.dtype)
+        return jnp.zeros(sd.shape, sd.dtype)
+    return jax.tree_util.tree_map_with_path(init, like)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "input_key", "bs", "needs", "n_groups",
+                                             "stride"))
+def stage_pass(params, state, batch, ref_params, ref_state, *, fn, input_key, bs, needs,
+               n_groups, stride):
+    """Run ``fn`` over every sample (chunks of ``bs``), on the quantized stream and (when
+    ``ref_state`` is given) on the fp reference stream; accumulate the statistics of
+    ``state[input_key]``. Returns ``(state', ref_state', stats)``."""
+    with_ref = ref_state is not None
+    xs = (_chunk(state, bs), _chunk(batch, bs), _chunk(ref_state, bs) if with_ref else None)
+
+    def one(s, bt, rs):
+        s2 = fn(params, s, bt)
+        rs2 = fn(ref_params, rs, bt) if with_ref else None
+        x = s2[input_key]
+        st = S.chunk_stats(x, needs=needs, w=bt.get("sample_weight"),
+                           x_ref=rs2[input_key] if with_ref else None, group=bt.get("group"),
+                           n_groups=n_groups)
+        tok = x.reshape(-1, x.shape[-1])[::stride].astype(jnp.float32) if "tokens" in needs \
+            else None
+        return s2, rs2, st, tok
+
+    first = jax.tree.map(lambda a: a[0], xs)
+    acc0 = _empty_stats(jax.eval_shape(lambda a: one(*a)[2], first))
+
+    def body(acc, c):
+        s2, rs2, st, tok = one(*c)
+        return S.merge(acc, st), (s2, rs2, tok)
+
+    acc, (s2, rs2, tok) = jax.lax.scan(body, acc0, xs)
+    if tok is not None:
+        acc["tokens"] = tok.reshape(-1, tok.shape[-1])
+    return _unchunk(s2), (_unchunk(rs2) if with_ref else None), acc
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "bs", "stream"))
+def finish_pass(params, state, batch, *, fn, bs, stream):
+    """The block output ``fn(params, state)[stream]`` over every sample."""
+    out = jax.lax.map(lambda c: fn(params, c[0], c[1])[stream],
+                      (_chunk(state, bs), _chunk(batch, bs)))
+    return _unchunk(out)
+
+
+# ---------------------------------------------------------------------------- checks
+def check_recipe_against_spec(recipe: Recipe, spec: BlockSpec, num_blocks: int) -> tuple:
+    """Refuse rules that name no linear of the family and algorithms placed where they cannot
+    work; returns ``(unmatched linears, rules shadowed by earlier ones)``."""
+    paths = [f"layers/{b}/{lin}" for b in range(num_blocks) for lin in spec.linears]
+    for r in recipe.rules:
+        if not any(r.matches(p) for p in paths):
+            raise ValueError(
+                f"{recipe.source}: rule {r.pattern!r} matches no linear of this model; its block "
+                f"has {list(spec.linears)} (paths like 'layers/0/{spec.linears[0]}')")
+    for p in paths:
+        r = recipe.match(p)
+        if r is None or r.algorithm == KEEP_FP:
+            continue
+        algo = registry.get(r.algorithm)
+        if algo.producer_fold:
+            st = spec.stage_of(p.split("/", 2)[2])
+            prod = st.producer
+            if prod is None or prod.kind != "linear" or prod.role != algo.fold_target:
+                raise ValueError(
+                    f"{p}: the {algo.name} algorithm folds a per-channel scale into the linear "
+                    f"that produces its input, which must be a {algo.fold_target!r} producer; "
+                    f"stage {st.name!r} has {prod}. It applies to the down-projection of a "
+                    f"gated MLP only (recipe rule {r.pattern!r})")
+    if recipe.dac:
+        for norm in recipe.dac["norms"]:
+            st = spec.stage_with_producer(norm)
+            if st is None or st.producer.kind != "norm":
+                norms = [s.producer.paths[0] for s in spec.stages
+                         if s.producer is not None and s.producer.kind == "norm"]
+                raise ValueError(f"{recipe.source}: dac.norms names {norm!r}, which is not a "
+                                 f"norm of this block (its norms: {norms})")
+            if st is spec.stages[0] and recipe.reference == "same_input":
+                raise ValueError(
+                    f"{recipe.source}: dac at {norm!r} (it feeds the block's first stage) needs "
+                    "reference fp_prefix: with the same input, the fp and quantized paths agree "
+                    "there, so its mean shift is zero")
+    unmatched, unused = recipe.report(paths)
+    return unmatched, unused
+
+
+def check_batch(batch: dict, spec: BlockSpec) -> None:
+    missing = [f for f in spec.batch_fields if f not in batch]
+    if missing:
+        raise ValueError(f"calibration batch lacks field(s) {missing} that this model's block "
+                         f"needs (fields given: {sorted(batch)})")
+    n = {k: np.shape(v)[0] for k, v in batch.items()}
+    if len(set(n.values())) > 1:
+        raise ValueError(f"calibration batch fields disagree on the number of samples: {n}")
+
+
+def fingerprint_data(batch: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        a = np.ascontiguousarray(np.asarray(batch[k]))
+        h.update(k.encode() + str(a.shape).encode() + a.tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- one stage
+def _rule_of(recipe, b, lin):
+    r = recipe.match(f"layers/{b}/{lin}")
+    return None if r is None or r.algorithm == KEEP_FP else r
+
+
+def _stage_needs(recipe, b, stage: Stage, ref: bool) -> tuple[frozenset, int]:
+    needs: set[str] = {"H"}  # the per-linear error report reads H
+    budget = 0
+    for lin in stage.linears:
+        r = _rule_of(recipe, b, lin)
+        if r is None:
+            continue
+        algo = registry.get(r.algorithm)
+        needs |= set(algo.needs)
+        if algo.token_budget is not None:
+            budget = max(budget, algo.token_budget(r.opts))
+    if not ref:
+        needs.discard("cross")
+    return frozenset(needs), budget
+
+
+def _apply_input_scale(recipe, b, stage: Stage, bp, state, st):
+    """Search and fold an input scale (AWQ) for a stage whose linears all ask for one."""
+    rules = [_rule_of(recipe, b, lin) for lin in stage.linears]
+    algos = [registry.get(r.algorithm) if r else None for r in rules]
+    if not any(a is not None and a.input_scale is not None for a in algos):
+        return bp, state, st
+    if stage.producer is None or any(a is None or a.input_scale is None for a in algos):
+        log.info("block %d stage %s: no exact fold for an input scale; searching none", b,
+                 stage.name)
+        return bp, state, st
+    r0 = rules[0]
+    Ws = [get_path(bp, f"{lin}/kernel") for lin in stage.linears]
+    s = algos[0].input_scale(st["tokens"], Ws, r0.spec, **r0.opts)
+    for lin in stage.linears:
+        bp = set_path(bp, f"{lin}/kernel", get_path(bp, f"{lin}/kernel") * s[:, None])
+    bp = fold_into_producer(bp, stage.producer, 1.0 / s)
+    state = dict(state, **{stage.input: state[stage.input] / s.astype(state[stage.input].dtype)})
+    return bp, state, S.rescale(st, s)
+
+
+def _quantize_stage(recipe, b, stage: Stage, bp, state, st):
+    """Quantize the stage's linears; returns ``(bp, state, reports)``."""
+    reports = []
+    done: dict[str, tuple[Any, dict, float]] = {}
+    rules = {lin: _rule_of(recipe, b, lin) for lin in stage.linears}
+    # linears sharing the input and the rule of a batchable algorithm: one matrix
+    firsts = [r for r in rules.values() if r is not None]
+    r0 = firsts[0] if firsts else None
+    if (r0 is not None and len(stage.linears) > 1 and all(r is r0 for r in rules.values())
+            and registry.get(r0.algorithm).batchable and not r0.spec.per_tensor):
+        t0 = time.perf_counter()
+        Ws = [get_path(bp, f"{lin}/kernel") for lin in stage.linears]
+        qa, extras = registry.get(r0.algorithm).quantize(jnp.concatenate(Ws, axis=-1), st,
+                                                         r0.spec, **r0.opts)
+        parts = split_columns(qa, [w.shape[-1] for w in Ws])
+        secs = (time.perf_counter() - t0) / len(Ws)
+        done = {lin: (q, {}, secs) for lin, q in zip(stage.linears, parts, strict=True)}
+    for lin in stage.linears:
+        r = rules[lin]
+        if r is None:
+            continue
+        path = f"layers/{b}/{lin}"
+        algo = registry.get(r.algorithm)
+        W = get_path(bp, f"{lin}/kernel")
+        t0 = time.perf_counter()
+        if lin in done:
+            qa, extras, secs = done[lin]
+        else:
+            qa, extras = algo.quantize(W, st, r.spec, **r.opts)
+        W_hat = dequantize(qa, dtype=jnp.float32)
+        c = extras.get("producer_scale")
+        if c is not None:
+            W_hat = c[:, None].astype(jnp.float32) * W_hat
+        if not bool(jnp.all(jnp.isfinite(W_hat))):
+            raise FloatingPointError(f"{path}: quantized weights are not finite; not writing them")
+        err = rel_error(W, W_hat, st.get("H"))
+        bp = set_path(bp, f"{lin}/kernel", qa)
+        if c is not None:  # s^c -> the producer's output channels; the stage input x ⊙ c
+            bp = fold_into_producer(bp, stage.producer, c)
+            state = dict(state, **{stage.input: state[stage.input] * c.astype(
+                state[stage.input].dtype)})
+        secs = time.perf_counter() - t0 if lin not in done else done[lin][2]
+        reports.append(LayerReport(path, r.algorithm, r.spec.bits, err, secs))
+    return bp, state, reports
+
+
+# ---------------------------------------------------------------------------- the loop
+def _progress_paths(out_dir: str) -> tuple[str, str]:
+    d = os.path.join(out_dir, PROGRESS_DIR)
+    return d, os.path.join(d, STATE_FILE)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _save_array(prog_dir, name, arr):
+    tmp = os.path.join(prog_dir, f"{name}.tmp.npy")
+    np.save(tmp, np.asarray(arr))
+    os.replace(tmp, os.path.join(prog_dir, f"{name}.npy"))
+
+
+def _ready(tree):
+    return jax.block_until_ready(tree)
+
+
+def calibrate(
+    model: ModelAdapter,
+    recipe: Recipe,
+    calib: Any = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+    progress: bool = True,
+    on_block_end: Callable[[int, dict], None] | None = None,
+) -> CalibrationResult:
+    """Quantize ``model`` (a family adapter over a checkpoint or params in memory) with
+    ``recipe`` on the calibration data ``calib`` (whatever the family's ``make_batch`` takes:
+    token ids ``[n, T]`` or a dict of per-sample fields; None for a data-free recipe).
+
+    Args:
+      out_dir: where progress is checkpointed after every block (None: no checkpoints).
+      resume: continue from ``out_dir``'s progress (refused if model, recipe or data differ).
+      mesh: shard the samples over ``mesh``'s ``data_axis`` (statistics are all-reduced).
+      on_block_end: ``callback(block_index, info)`` after every block (tests, logging).
+    """
+    t_start = time.perf_counter()
+    spec = model.spec
+    model.check()
+    unmatched, unused = check_recipe_against_spec(recipe, spec, model.num_blocks)
+    if unmatched:
+        log.warning("%d linears match no rule and stay fp: %s%s", len(unmatched),
+                    unmatched[:4], " ..." if len(unmatched) > 4 else "")
+    if unused:
+        log.warning("recipe rules shadowed by earlier rules (they match nothing): %s", unused)
+    data = recipe.needs_data
+    batch = None
+    if data:
+        if calib is None:
+            raise ValueError(f"recipe {recipe.name!r} needs calibration data (its algorithms "
+                             "read activation statistics); calib=None given")
+        c = recipe.calib
+        batch = model.make_batch(calib, n_samples=int(c["n_samples"]), seqlen=int(c["seqlen"]))
+        check_batch(batch, spec)
+    ref_kind = recipe.reference
+    fps = {"model": model.fingerprint(), "recipe": recipe.fingerprint(),
+           "data": fingerprint_data(batch) if batch is not None else "none"}
+
+    blocks: list = []
+    reports: list[LayerReport] = []
+    block_reports: list[BlockReport] = []
+    start = 0
+    X = X_ref = None
+    prog_dir = state_path = None
+    if out_dir is not None:
+        out_dir = os.path.abspath(os.fspath(out_dir))
+        prog_dir, state_path = _progress_paths(out_dir)
+        if os.path.isfile(state_path):
+            with open(state_path) as f:
+                saved = json.load(f)
+            for key, label in (("model", "model"), ("recipe", "recipe"),
+                               ("data", "calibration data")):
+                if saved["fingerprints"].get(key) != fps[key]:
+                    raise ResumeMismatchError(
+                        f"{out_dir}: the saved progress was made with a different {label} "
+                        f"(fingerprint {saved['fingerprints'].get(key)} != {fps[key]}); refusing "
+                        "to resume. Use another --out directory or delete this one.")
+            if not resume:
+                raise FileExistsError(
+                    f"{out_dir} holds the progress of an earlier run of this job; pass "
+                    "resume=True (--resume) to continue it, or choose another directory")
+            start = int(saved["next_block"])
+            blocks = [load_tree(os.path.join(prog_dir, f"block_{b:04d}")) for b in range(start)]
+            if data:
+                X = jnp.asarray(np.load(os.path.join(prog_dir, "acts.npy"), allow_pickle=False))
+            if ref_kind == "fp_prefix":
+                X_ref = jnp.asarray(np.load(os.path.join(prog_dir, "acts_ref.npy"),
+                                            allow_pickle=False))
+            reports = [LayerReport(**r) for r in saved["report"]]
+            block_reports = [BlockReport(**r) for r in saved.get("blocks", [])]
+            log.info("resuming at block %d of %d", start, model.num_blocks)
+        elif os.path.isfile(os.path.join(out_dir, "jaxquant.json")):
+            raise FileExistsError(f"{out_dir} already holds a finished quantized model; "
+                                  "refusing to overwrite it")
+        os.makedirs(prog_dir, exist_ok=True)
+
+    jbatch = None
+    bs = 1
+    if data:
+        jbatch = {k: jnp.asarray(v) for k, v in batch.items() if k != "tokens"}
+        n = next(iter(batch.values())).shape[0]
+        bs = int(recipe.calib["batch_size"])
+        while n % bs:  # chunks must tile the samples
+            bs -= 1
+        if mesh is not None:
+            sh = NamedSharding(mesh, PartitionSpec(data_axis))
+            jbatch = jax.device_put(jbatch, sh)
+        if X is None:  # the embedding table is read for this, not held through the loop
+            X = model.first_input(batch)
+        if mesh is not None:
+            X = jax.device_put(X, NamedSharding(mesh, PartitionSpec(data_axis)))
+        if ref_kind == "fp_prefix" and X_ref is None:
+            X_ref = jnp.array(X, copy=True)
+    n_groups = int(np.max(batch["group"])) + 1 if data and "group" in batch else 0
+
+    bar = tqdm(range(start, model.num_blocks), desc="calibrate", unit="block",
+               disable=not progress, initial=start, total=model.num_blocks)
+    for b in bar:
+        br = BlockReport(b)
+        t0 = time.perf_counter()
+        bp = jax.tree.map(jnp.asarray, model.read_block(b))
+        br.read = time.perf_counter() - t0
+        rep: list[LayerReport] = []
+        if not data:
+            t0 = time.perf_counter()
+            bp, _, rep = _quantize_data_free(recipe, b, spec, bp)
+            br.algorithm = time.perf_counter() - t0
+        else:
+            bp, X, X_ref, rep = _calibrate_block(recipe, b, spec, bp, X, X_ref, jbatch, bs,
+                                                 n_groups, ref_kind, br)
+        blocks.append(bp)
+        reports.extend(rep)
+        t0 = time.perf_counter()
+        if prog_dir is not None:
+            save_tree(os.path.join(prog_dir, f"block_{b:04d}"), bp)
+            if X is not None:
+                _save_array(prog_dir, "acts", X)
+            if ref_kind == "fp_prefix":
+                _save_array(prog_dir, "acts_ref", X_ref)
+        br.checkpoint = time.perf_counter() - t0
+        block_reports.append(br)
+        if prog_dir is not None:
+            _write_json_atomic(state_path, {
+                "next_block": b + 1, "fingerprints": fps,
+                "report": [dataclasses.asdict(r) for r in reports],
+                "blocks": [dataclasses.asdict(r) for r in block_reports]})
+        if on_block_end is not None:
+            on_block_end(b, {"reports": rep, "block": br})
+        errs = [r.rel_error for r in rep]
+        bar.set_postfix(rel_err=f"{np.mean(errs):.4f}" if errs else "-")
+        del bp
+
+    del X, X_ref
+    params = model.assemble(blocks)
+    del blocks
+    return CalibrationResult(getattr(model, "config", None), params, reports,
+                             time.perf_counter() - t_start, unmatched, unused, start,
+                             block_reports)
+
+
+def _quantize_data_free(recipe, b, spec: BlockSpec, bp):
+    reports = []
+    for lin in spec.linears:
+        r = _rule_of(recipe, b, lin)
+        if r is None:
+            continue
+        t0 = time.perf_counter()
+        W = get_path(bp, f"{lin}/kernel")
+        qa, _ = registry.get(r.algorithm).quantize(W, {}, r.spec, **r.opts)
+        W_hat = dequantize(qa, dtype=jnp.float32)
+        if not bool(jnp.all(jnp.isfinite(W_hat))):
+            raise FloatingPointError(f"layers/{b}/{lin}: quantized weights are not finite")
+        bp = set_path(bp, f"{lin}/kernel", qa)
+        reports.append(LayerReport(f"layers/{b}/{lin}", r.algorithm, r.spec.bits,
+                                   rel_error(W, W_hat), time.perf_counter() - t0))
+    return bp, None, reports
+
+
+def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_groups, ref_kind,
+                     br: BlockReport):
+    fp = bp
+    state = {spec.stream: X}
+    ref_state = None
+    if ref_kind is not None:
+        ref_state = {spec.stream: X_ref if ref_kind == "fp_prefix" else X}
+    reports: list[LayerReport] = []
+    dac_norms = set(recipe.dac["norms"]) if recipe.dac else set()
+    for stage in spec.stages:
+        t0 = time.perf_counter()
+        needs, budget = _stage_needs(recipe, b, stage, ref_state is not None)
+        n_tok = int(np.prod(state[spec.stream].shape[:-1]))
+        stride = max(1, n_tok // max(budget, 1)) if "tokens" in needs else 1
+        state, ref_state, st = _ready(stage_pass(
+            dense_params(bp), state, batch, fp if ref_state is not None else None, ref_state,
+            fn=stage.fn, input_key=stage.input, bs=bs, needs=needs, n_groups=n_groups,
+            stride=stride))
+        br.passes = 2 if ref_state is not None else 1
+        if not bool(st["finite"]):
+            raise FloatingPointError(
+                f"block {b}: NaN/Inf in the calibration activations entering stage "
+                f"{stage.name!r} {list(stage.linears)}; the quantized prefix or the data are "
+                "broken (nothing was written for this block)")
+        br.statistics += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prod = stage.producer
+        if prod is not None and prod.kind == "norm" and prod.paths[0] in dac_norms:
+            mu = S.mean(st, ref=True) - S.mean(st)
+            if not bool(jnp.all(jnp.isfinite(mu))):
+                raise FloatingPointError(f"block {b}: the DAC mean shift at {prod.paths[0]} is "
+                                         "not finite")
+            bp = _add_bias(bp, prod.paths[0], mu)
+            state = dict(state, **{stage.input: state[stage.input] + mu.astype(
+                state[stage.input].dtype)})
+            st = S.shift(st, mu)
+            rms = jnp.sqrt(jnp.trace(st["H"]) / (st["count"] * mu.shape[0]))
+            reports.append(LayerReport(f"layers/{b}/{prod.paths[0]}", "dac", None,
+                                       float(jnp.sqrt(jnp.mean(mu * mu)) / jnp.maximum(rms, 1e-30)),
+                                       time.perf_counter() - t0))
+        bp, state, st = _apply_input_scale(recipe, b, stage, bp, state, st)
+        bp, state, rep = _quantize_stage(recipe, b, stage, bp, state, st)
+        reports.extend(rep)
+        del st
+        br.algorithm += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    X = _ready(finish_pass(dense_params(bp), state, batch, fn=spec.finish, bs=bs,
+                           stream=spec.stream))
+    if ref_kind == "fp_prefix":
+        X_ref = _ready(finish_pass(fp, ref_state, batch, fn=spec.finish, bs=bs,
+                                   stream=spec.stream))
+    br.propagation = time.perf_counter() - t0
+    if not bool(jnp.all(jnp.isfinite(X))):
+        raise FloatingPointError(f"block {b}: quantized block produced NaN/Inf activations")
+    return bp, X, X_ref, reports
+
+
+def clear_progress(out_dir: str | os.PathLike) -> None:
+    """Remove the per-block progress of a finished run."""
+    d, _ = _progress_paths(os.fspath(out_dir))
+    if os.path.isdir(d):
+        shutil.rmtree(d)
