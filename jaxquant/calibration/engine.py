@@ -104,6 +104,11 @@ def set_path(tree: dict, path: str, value) -> dict:
     return out
 
 
+def _last(c, x):
+    """Per-channel ``c`` ``[K]`` shaped to broadcast against ``x`` ``[..., K]``, in ``x``'s dtype."""
+    return jnp.asarray(c).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+
+
 def _is_q(a) -> bool:
     return isinstance(a, QArray)
 
@@ -319,7 +324,8 @@ def _apply_input_scale(recipe, b, stage: Stage, bp, state, st):
     for lin in stage.linears:
         bp = set_path(bp, f"{lin}/kernel", get_path(bp, f"{lin}/kernel") * s[:, None])
     bp = fold_into_producer(bp, stage.producer, 1.0 / s)
-    state = dict(state, **{stage.input: state[stage.input] / s.astype(state[stage.input].dtype)})
+    x = state[stage.input]
+    state = dict(state, **{stage.input: x / _last(s, x)})
     return bp, state, S.rescale(st, s)
 
 
@@ -362,8 +368,8 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st):
         bp = set_path(bp, f"{lin}/kernel", qa)
         if c is not None:  # s^c -> the producer's output channels; the stage input x ⊙ c
             bp = fold_into_producer(bp, stage.producer, c)
-            state = dict(state, **{stage.input: state[stage.input] * c.astype(
-                state[stage.input].dtype)})
+            x = state[stage.input]
+            state = dict(state, **{stage.input: x * _last(c, x)})
         secs = time.perf_counter() - t0 if lin not in done else done[lin][2]
         reports.append(LayerReport(path, r.algorithm, r.spec.bits, err, secs))
     return bp, state, reports
@@ -589,8 +595,8 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
                 raise FloatingPointError(f"block {b}: the DAC mean shift at {prod.paths[0]} is "
                                          "not finite")
             bp = _add_bias(bp, prod.paths[0], mu)
-            state = dict(state, **{stage.input: state[stage.input] + mu.astype(
-                state[stage.input].dtype)})
+            x = state[stage.input]
+            state = dict(state, **{stage.input: x + _last(mu, x)})
             st = S.shift(st, mu)
             rms = jnp.sqrt(jnp.trace(st["H"]) / (st["count"] * mu.shape[0]))
             reports.append(LayerReport(f"layers/{b}/{prod.paths[0]}", "dac", None,
