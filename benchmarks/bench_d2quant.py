@@ -56,8 +56,9 @@ def run_one(variant: str, bits: int, windows: int) -> dict:
     from jaxquant import data as jdata
     from jaxquant import eval as jeval
     from jaxquant import models
-    from jaxquant.calibration.driver import calibrate
+    from jaxquant.calibration.engine import calibrate
     from jaxquant.models.assets import resolve_model_path
+    from jaxquant.models.loading import adapter_for
     from jaxquant.recipes import load_recipe
 
     d = jdata.data_dir()
@@ -67,7 +68,7 @@ def run_one(variant: str, bits: int, windows: int) -> dict:
     calib = np.load(os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
     recipe = load_recipe(variant_recipe(variant, bits))
     t0 = time.perf_counter()
-    res = calibrate(path, recipe, calib, progress=False)
+    res = calibrate(adapter_for(path), recipe, calib, progress=False)
     secs = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     del calib

@@ -26,15 +26,16 @@ def main() -> None:
     import protocol_data
 
     from jaxquant import eval as jeval
-    from jaxquant.calibration.driver import calibrate
+    from jaxquant.calibration.engine import calibrate
     from jaxquant.models.assets import resolve_model_path
+    from jaxquant.models.loading import adapter_for
     from jaxquant.recipes import load_recipe
 
     path = resolve_model_path(args.model)
     calib = protocol_data.load(protocol_data.CALIB)
     recipe = load_recipe(f"{args.algo}_w{args.bits}_g{args.group}")
     t0 = time.perf_counter()
-    res = calibrate(path, recipe, calib, progress=False)
+    res = calibrate(adapter_for(path), recipe, calib, progress=False)
     secs = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     windows = protocol_data.load(protocol_data.TEST)[: args.windows]

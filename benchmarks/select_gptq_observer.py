@@ -33,8 +33,9 @@ def main() -> None:
     from jaxquant import data as jdata
     from jaxquant import eval as jeval
     from jaxquant import models
-    from jaxquant.calibration.driver import calibrate
+    from jaxquant.calibration.engine import calibrate
     from jaxquant.models.assets import resolve_model_path
+    from jaxquant.models.loading import adapter_for
     from jaxquant.recipes import load_recipe
 
     path = resolve_model_path(args.model)
@@ -54,7 +55,7 @@ def main() -> None:
                 if method == "mse":
                     rule["spec"].update(clip_ratio=0.8, mse_grid=100, mse_norm=2.4)
             t0 = time.perf_counter()
-            res = calibrate(path, load_recipe(r), calib, progress=False)
+            res = calibrate(adapter_for(path), load_recipe(r), calib, progress=False)
             secs = time.perf_counter() - t0
             fn = jeval.model_logits_fn(res.config, res.params)
             val = jeval.perplexity(fn, held, batch_size=1, progress=False)["ppl"]

@@ -7,9 +7,8 @@ the recipe's method.
 
 from __future__ import annotations
 
-import time
-
 import dataclasses
+import time
 
 import jaxquant as jq
 from jaxquant import eval as jeval

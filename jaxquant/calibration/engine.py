@@ -105,7 +105,7 @@ def set_path(tree: dict, path: str, value) -> dict:
 
 
 def _last(c, x):
-    """Per-channel ``c`` ``[K]`` shaped to broadcast against ``x`` ``[..., K]``, in ``x``'s dtype."""
+    """Per-channel ``c`` ``[K]`` shaped to broadcast against ``x`` ``[..., K]`` (``x``'s dtype)."""
     return jnp.asarray(c).astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
 
 
@@ -248,9 +248,9 @@ def check_recipe_against_spec(recipe: Recipe, spec: BlockSpec, num_blocks: int) 
             if prod is None or prod.kind != "linear" or prod.role != algo.fold_target:
                 raise ValueError(
                     f"{p}: the {algo.name} algorithm folds a per-channel scale into the linear "
-                    f"that produces its input, which must be a {algo.fold_target!r} producer; "
-                    f"stage {st.name!r} has {prod}. It applies to the down-projection of a "
-                    f"gated MLP only (recipe rule {r.pattern!r})")
+                    f"that produces its input, which must have the role {algo.fold_target!r} in "
+                    f"the block spec; stage {st.name!r}'s producer is {prod} (recipe rule "
+                    f"{r.pattern!r})")
     if recipe.dac:
         for norm in recipe.dac["norms"]:
             st = spec.stage_with_producer(norm)

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jaxquant.core import packing
 from jaxquant.core.activations import quantize_per_token
 from jaxquant.core.qarray import QArray
-from jaxquant.kernels.dequant_matmul import planes_from_words, round_up, gpu_operands
+from jaxquant.kernels.dequant_matmul import gpu_operands, planes_from_words, round_up
 
 
 def check_int_qarray(qa: QArray, act_bits: int) -> None:

@@ -37,7 +37,7 @@ StageFn = Callable[[Any, dict, dict], dict]
 @dataclasses.dataclass(frozen=True)
 class Producer:
     """What produces a stage's input, channel by channel: a ``norm`` (path of its params, with
-    ``scale`` and optional ``bias``) or ``linear`` paths (kernel ``[in, out]`` and optional bias)."""
+    ``scale`` and optional ``bias``) or ``linear`` paths (kernel ``[in, out]``, optional bias)."""
 
     kind: Literal["norm", "linear"]
     paths: tuple[str, ...]
@@ -111,7 +111,7 @@ class ModelAdapter(Protocol):
         """The fp parameters of layer block ``b`` (float32 numpy/jax arrays)."""
 
     def make_batch(self, calib: Any) -> dict:
-        """Validated per-sample batch fields ``{name: [n, ...]}`` from the user's calibration data."""
+        """Validated per-sample batch fields ``{name: [n, ...]}`` from the calibration data."""
 
     def first_input(self, batch: dict) -> Any:
         """The first block's input stream ``[n, ...]`` (e.g. token embeddings)."""

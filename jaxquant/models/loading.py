@@ -15,12 +15,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.models import llama, qwen
 from jaxquant.models.common.config import DecoderConfig
 from jaxquant.models.common.gguf_io import GGUFSource
 from jaxquant.models.common.hf_config import UnsupportedConfigError
 from jaxquant.models.common.hf_weights import params_from_source
 from jaxquant.models.common.safetensors_io import SafetensorsDir
-from jaxquant.models import llama, qwen
 
 # model_type -> the family package: config_from_hf, block_spec, SourceAdapter, ParamsAdapter
 _FAMILIES = {t: llama for t in llama.MODEL_TYPES} | {t: qwen for t in qwen.MODEL_TYPES}
@@ -77,7 +77,7 @@ class LoadedModel:
 
 
 def open_source(path: str | os.PathLike):
-    """``(source, hf_config_dict)`` for an HF directory or a ``.gguf`` file, without reading weights."""
+    """``(source, hf_config_dict)`` of an HF directory or a ``.gguf`` file (no weights read)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")

@@ -1,4 +1,4 @@
-"""Recipes: ordered regex rules on parameter paths -> algorithm + spec + options (data, not code)."""
+"""Recipes: ordered regex rules on parameter paths -> algorithm + spec + options (data)."""
 
 from jaxquant.recipes.recipe import Recipe, RecipeError, Rule, load_recipe
 

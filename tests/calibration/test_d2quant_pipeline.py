@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant import models
 from jaxquant import eval as jeval
+from jaxquant import models
 from jaxquant.calibration.engine import calibrate as engine_calibrate
 from jaxquant.models.common.decoder import attn_half, block_apply, embed
 from jaxquant.models.loading import adapter_for
@@ -214,7 +214,7 @@ def test_bad_dsq_options_and_placement(tiny):
                                   "spec": {"bits": 2, "group_size": 32}}],
                        "calibration": {"n_samples": 8, "seqlen": 64}})
     with pytest.raises(ValueError, match="layers/0/self_attn/q_proj: the dsq algorithm folds .* "
-                                         "down-projection of a gated MLP only"):
+                                         "role 'gated_mlp'"):
         calibrate(d, bad, tokens, progress=False)
 
 

@@ -8,7 +8,6 @@ import pytest
 
 import jaxquant as jq
 from jaxquant import models
-from jaxquant.calibration.weight_only import quantize_linears_rtn
 from jaxquant.kernels.dispatch import kernel_mode
 from jaxquant.models.assets import resolve_model_path
 from jaxquant.models.common.generate import generate
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_w4_greedy_tokens_kernel_path_equals_xla():
     m = models.load(resolve_model_path("smollm2-135m"))
-    params = quantize_linears_rtn(m.params, jq.QuantSpec(bits=4, group_size=64))
+    params = jq.quantize_model(m, "rtn_w4_g64", None, progress=False).params  # data-free
     prompt = jnp.asarray([m.tokenizer.encode("The capital of France is")], jnp.int32)
     toks = {}
     for mode, plat in (("xla", "tpu"), ("interpret", "tpu"), ("interpret", "gpu")):

@@ -1,12 +1,15 @@
-"""The decoder block (Llama, Qwen2, Qwen3) as a calibration :class:`~jaxquant.models.blockspec.BlockSpec`,
+"""The decoder block (Llama, Qwen2, Qwen3) as a calibration
+:class:`~jaxquant.models.blockspec.BlockSpec`,
 and its model adapters over a checkpoint (streaming) or over parameters in memory.
 
 Stages, in true-sequential order (see :mod:`jaxquant.models.blockspec`)::
 
     attn_in  [q_proj, k_proj, v_proj]  reads h   = input_layernorm(x)          producer: that norm
-    attn_out [o_proj]                  reads ctx = attention(q, k, v)          producer: v_proj (MHA)
+    attn_out [o_proj]                  reads ctx = attention(q, k, v)          producer: v_proj*
     mlp_in   [gate_proj, up_proj]      reads h   = post_attention_layernorm(x) producer: that norm
     mlp_out  [down_proj]               reads a   = silu(gate h) ⊙ up h          producer: up_proj
+
+(* v_proj only without grouped KV heads: then o_proj's input channel j is v_proj's output j.)
 
 The stage functions are the decoder's own layers (:mod:`jaxquant.models.common.layers`) cut at the
 linears; ``finish`` after the last stage equals :func:`~jaxquant.models.common.decoder.block_apply`.
@@ -77,7 +80,8 @@ def decoder_block_spec(cfg: DecoderConfig) -> BlockSpec:
 
     def mlp_out(p, s, batch):
         h = s["h"]
-        return {"x": s["x"], "a": jax.nn.silu(_lin(p, "mlp/gate_proj", h)) * _lin(p, "mlp/up_proj", h)}
+        a = jax.nn.silu(_lin(p, "mlp/gate_proj", h)) * _lin(p, "mlp/up_proj", h)
+        return {"x": s["x"], "a": a}
 
     def finish(p, s, batch):
         return {"x": s["x"] + _lin(p, "mlp/down_proj", s["a"])}
@@ -90,7 +94,8 @@ def decoder_block_spec(cfg: DecoderConfig) -> BlockSpec:
             Stage("attn_in", ATTN[:3], "h", attn_in, Producer("norm", ("input_layernorm",))),
             Stage("attn_out", ATTN[3:], "ctx", attn_out, v_fold),
             Stage("mlp_in", MLP[:2], "h", mlp_in, Producer("norm", ("post_attention_layernorm",))),
-            Stage("mlp_out", MLP[2:], "a", mlp_out, Producer("linear", ("mlp/up_proj",), "gated_mlp")),
+            Stage("mlp_out", MLP[2:], "a", mlp_out,
+                  Producer("linear", ("mlp/up_proj",), "gated_mlp")),
         ),
         finish=finish,
         linears=LINEARS,

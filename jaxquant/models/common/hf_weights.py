@@ -96,16 +96,17 @@ def stack_blocks(blocks: list[dict]) -> dict:
 def params_from_source(cfg: DecoderConfig, src, dtype=np.float32) -> dict:
     """The full stacked parameter tree of a decoder (see :mod:`jaxquant.models.common.decoder`)."""
     v, d = cfg.vocab_size, cfg.hidden_size
+    table = read_tensor(src, "model.embed_tokens.weight", (v, d), dtype)
     params = {
-        "embed_tokens": {"embedding": jnp.asarray(read_tensor(src, "model.embed_tokens.weight", (v, d),
-                                                        dtype))},
+        "embed_tokens": {"embedding": jnp.asarray(table)},
         "layers": stack_blocks(
             [block_params_from_source(cfg, src, i, dtype) for i in range(cfg.num_layers)]
         ),
         "norm": {"scale": jnp.asarray(read_tensor(src, "model.norm.weight", (d,), dtype))},
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(read_tensor(src, "lm_head.weight", (v, d), dtype).T)}
+        head = read_tensor(src, "lm_head.weight", (v, d), dtype)
+        params["lm_head"] = {"kernel": jnp.asarray(head.T)}
     if f"model.layers.{cfg.num_layers}.input_layernorm.weight" in src:
         raise ValueError(
             f"{_where(src)}: checkpoint has more blocks than num_hidden_layers={cfg.num_layers}"
