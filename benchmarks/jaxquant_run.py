@@ -21,6 +21,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--calib", default=None, help=".npy of calibration windows (default: the "
+                    "protocol's seed-0 file)")
+    ap.add_argument("--recipe", default=None, help="default: {algo}_w{bits}_g{group}")
     args = ap.parse_args()
 
     import protocol_data
@@ -32,8 +35,11 @@ def main() -> None:
     from jaxquant.recipes import load_recipe
 
     path = resolve_model_path(args.model)
-    calib = protocol_data.load(protocol_data.CALIB)
-    recipe = load_recipe(f"{args.algo}_w{args.bits}_g{args.group}")
+    import numpy as np
+
+    calib = (np.load(args.calib, allow_pickle=False) if args.calib
+             else protocol_data.load(protocol_data.CALIB))
+    recipe = load_recipe(args.recipe or f"{args.algo}_w{args.bits}_g{args.group}")
     t0 = time.perf_counter()
     res = calibrate(adapter_for(path), recipe, calib, progress=False)
     secs = time.perf_counter() - t0
@@ -41,9 +47,11 @@ def main() -> None:
     windows = protocol_data.load(protocol_data.TEST)[: args.windows]
     ppl = jeval.perplexity(jeval.model_logits_fn(res.config, res.params), windows,
                            batch_size=1, progress=False)["ppl"]
+    phases = {p: round(sum(getattr(b, p) for b in res.blocks), 2)
+              for p in ("read", "statistics", "algorithm", "propagation", "checkpoint")}
     print(json.dumps({"engine": "jaxquant", "algo": args.algo, "bits": args.bits,
-                      "group": args.group, "calib_seconds": round(secs, 1),
-                      "peak_rss_mib": round(rss, 1), "ppl": ppl}))
+                      "group": args.group, "recipe": recipe.name, "calib_seconds": round(secs, 1),
+                      "phase_seconds": phases, "peak_rss_mib": round(rss, 1), "ppl": ppl}))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ def main() -> None:
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--calib", default=None, help=".npy of calibration windows (default: the "
+                    "protocol's seed-0 file)")
+    ap.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
+                    help="mse: maxshrink 0.2, grid 100, norm 2.4 (protocol.md's like-for-like)")
+    ap.add_argument("--actorder", choices=["none", "static"], default="none")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
 
@@ -54,11 +59,16 @@ def main() -> None:
         del m
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    calib = np.load(os.path.join(args.data, "smollm2_wikitext2_valid_calib_32x512.npy"))
+    calib = np.load(args.calib or os.path.join(args.data, "smollm2_wikitext2_valid_calib_32x512.npy"))
     ds = Dataset.from_dict({"input_ids": calib.tolist(),
                             "attention_mask": np.ones_like(calib).tolist()})
     weights = {"num_bits": args.bits, "type": "int", "symmetric": False, "strategy": "group",
                "group_size": args.group}
+    if args.observer == "mse":
+        weights |= {"observer": "mse",
+                    "observer_kwargs": {"maxshrink": 0.2, "grid": 100, "norm": 2.4}}
+    if args.actorder == "static":
+        weights |= {"actorder": "static"}
     groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
     if args.algo == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
@@ -92,7 +102,8 @@ def main() -> None:
                 lg.reshape(-1, lg.shape[-1]), t[:, 1:].reshape(-1), reduction="sum"))
             count += t.shape[1] - 1
     print(json.dumps({"engine": "llm-compressor", "algo": args.algo, "bits": args.bits,
-                      "group": args.group, "calib_seconds": round(secs, 1),
+                      "group": args.group, "observer": args.observer, "actorder": args.actorder,
+                      "calib_seconds": round(secs, 1),
                       "peak_rss_mib": round(rss, 1), "ppl": float(np.exp(total / count))}))
 
 

@@ -83,6 +83,8 @@ def test_killed_run_resumes_bit_identical(setup):
                        capture_output=True, text=True, timeout=600)
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert last["resumed_from_block"] == killed_at
+    assert set(last["phase_seconds"]) == {"read", "statistics", "algorithm", "propagation",
+                                          "checkpoint"}
     for a, b in zip(_params(ref), _params(out), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -95,6 +97,12 @@ def test_cli_outputs_and_eval_of_quantized_checkpoint(setup):
         pytest.skip("depends on the reference run of the resume test")
     assert (out / "layers.csv").read_text().startswith("layer,algorithm,bits,rel_output_error")
     assert (out / "layers.png").stat().st_size > 1000
+    # the per-block phases: one row per block, seconds that add up to no more than the run
+    rows = (out / "blocks.csv").read_text().splitlines()
+    assert rows[0] == "block,read,statistics,algorithm,propagation,checkpoint,passes"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [0, 1, 2]
+    assert all(float(x) >= 0 for r in rows[1:] for x in r.split(",")[1:6])
+    assert all(r.split(",")[6] == "1" for r in rows[1:])  # one forward per block
     assert not (out / "progress").exists()
     m = models.load(out)
     assert m.quantized
