@@ -31,15 +31,15 @@ from jaxquant.core.spec import QuantSpec
 
 
 def _w_mean(Ws: list[jax.Array], spec: QuantSpec) -> jax.Array:
-    """Mean over output channels of group-normalised ``|W|``, per input channel ``[K]``."""
-    means = []
+    """Mean of group-normalised ``|W|`` over the output channels of all the linears side by side
+    (``[K, ΣN_i]``, as AutoAWQ concatenates them), per input channel ``[K]``."""
+    parts = []
     for W in Ws:
         k, n = W.shape
         gl = spec.group_len(k)
         a = jnp.abs(W.astype(jnp.float32)).reshape(k // gl, gl, n)
-        a = a / (jnp.max(a, axis=1, keepdims=True) + 1e-6)
-        means.append(jnp.mean(a.reshape(k, n), axis=1))
-    return jnp.mean(jnp.stack(means), axis=0)
+        parts.append((a / (jnp.max(a, axis=1, keepdims=True) + 1e-6)).reshape(k, n))
+    return jnp.mean(jnp.concatenate(parts, axis=1), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_grid", "duo_scaling"))
@@ -54,6 +54,7 @@ def awq_search_scale(
     x_mean = jnp.mean(jnp.abs(X), axis=0)
     w_mean = _w_mean(list(Ws), spec)
     refs = [X @ W.astype(jnp.float32) for W in Ws]
+    n_out = X.shape[0] * sum(W.shape[1] for W in Ws)  # the error: a mean over all outputs
 
     def err_for(alpha):
         if duo_scaling:
@@ -66,15 +67,15 @@ def awq_search_scale(
         e = 0.0
         for W, ref in zip(Ws, refs, strict=True):
             Wq = quantize_dequantize(W.astype(jnp.float32) * s[:, None], spec) / s[:, None]
-            e = e + jnp.mean((X @ Wq - ref) ** 2)
-        return s, e
+            e = e + jnp.sum((X @ Wq - ref) ** 2)
+        return s, e / n_out
 
     alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
     ss, errs = jax.lax.map(err_for, alphas)
     # without duo scaling α=0 gives s=1 (plain RTN); with it, also compare against s=1 explicitly
     s_one, e_one = jnp.ones_like(x_mean), sum(
-        jnp.mean((X @ quantize_dequantize(W.astype(jnp.float32), spec) - r) ** 2)
-        for W, r in zip(Ws, refs, strict=True))
+        jnp.sum((X @ quantize_dequantize(W.astype(jnp.float32), spec) - r) ** 2)
+        for W, r in zip(Ws, refs, strict=True)) / n_out
     best = jnp.argmin(errs)
     use_one = e_one <= errs[best]
     return jnp.where(use_one, s_one, ss[best]), errs

@@ -1,7 +1,10 @@
-"""Packed dequant-matmul kernels: every Pallas kernel (interpret mode) equals the pure-jnp
-reference for every width, group size, M in {1, 7, 16, 128}, and K / N that are not multiples of
-the blocks; each lowers for its real target ("tpu" Mosaic, "cuda" Triton) from this CPU; the
-dispatcher falls back to XLA with a reason; jax-triton skips without a GPU jaxlib."""
+"""Packed dequant-matmul kernels against an independent float64 numpy oracle: every Pallas
+kernel (interpret mode), the XLA path and the jnp reference equal ``x @ W`` where ``W`` is built in
+numpy from the integer codes, scales and zeros the test itself drew, for every width, group size,
+M in {1, 7, 16, 128}, and K / N that are not multiples of the blocks; the packed words decode, by
+the documented bit-stream rule, to those codes; each kernel lowers for its real target ("tpu"
+Mosaic, "cuda" Triton) from this CPU; the dispatcher falls back to XLA with a reason; jax-triton
+skips without a GPU jaxlib."""
 
 import logging
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from jaxquant.core.qarray import from_codes
 from jaxquant.kernels import (
     dequant_matmul_pallas_gpu,
     dequant_matmul_pallas_tpu,
@@ -22,12 +26,48 @@ from jaxquant.kernels.dispatch import can_use_pallas_gpu, can_use_pallas_tpu, ke
 KERNELS = {"tpu": dequant_matmul_pallas_tpu, "gpu": dequant_matmul_pallas_gpu}
 
 
-def _case(bits, gs, m, k, n, dtype=jnp.float32, seed=0):
+def _np_unpack(packed, bits, k):
+    """Codes ``[K, N]`` from packed words ``[K/32 · bits, N]`` by the documented rule: each run of
+    32 input channels is ``bits`` consecutive words forming one little-endian bit stream (word
+    ``w`` = stream bits ``[32w, 32w + 32)``, low bit first), code ``c`` at stream bits
+    ``[c · bits, (c + 1) · bits)``. Decoded through bytes and ``np.unpackbits``."""
+    packed = np.asarray(packed)
+    assert packed.dtype == np.uint32
+    rows, n = packed.shape
+    chunks = rows // bits
+    words = np.ascontiguousarray(packed.reshape(chunks, bits, n).transpose(0, 2, 1), "<u4")
+    stream = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")  # [C, N, 32·bits]
+    codes = stream.reshape(chunks, n, 32, bits).astype(np.int64) @ (1 << np.arange(bits))
+    return codes.transpose(0, 2, 1).reshape(chunks * 32, n)[:k]
+
+
+def _case(bits, gs, m, k, n, dtype=jnp.float32, seed=0, symmetric=False):
+    """Random integer codes, scales and zeros drawn here, assembled into a QArray; returns
+    ``(x, qa, W)`` with ``W = S (Q − Z)`` the dense float64 weight built in numpy."""
     rng = np.random.default_rng(seed)
-    w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
-    qa = jq.quantize(w, jq.QuantSpec(bits=bits, group_size=gs))
+    spec = jq.QuantSpec(bits=bits, group_size=gs, symmetric=symmetric)
+    g = spec.num_groups(k)
+    q = rng.integers(0, 2**bits, size=(k, n))
+    S = np.exp(rng.uniform(-4.0, -1.0, size=(g, n))).astype(np.float32)
+    Z = (np.full((g, n), 2 ** (bits - 1)) if symmetric
+         else rng.integers(0, 2**bits, size=(g, n)))
+    qa = from_codes(jnp.asarray(q, jnp.int32), jnp.asarray(S), jnp.asarray(Z, jnp.float32), spec)
+    # the stored words decode, by the documented layout, to exactly the codes drawn
+    np.testing.assert_array_equal(_np_unpack(qa.packed, bits, k), q)
+    rep = k // g
+    W = np.repeat(S.astype(np.float64), rep, axis=0) * (q - np.repeat(Z, rep, axis=0))
     x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
-    return x, qa
+    return x, qa, W
+
+
+def _oracle(x, W):
+    """``x @ W`` in float64 (``x`` as given, i.e. already rounded to its dtype)."""
+    return np.asarray(x.astype(jnp.float32), np.float64) @ W
+
+
+def _rel_err(got, ref):
+    got = np.asarray(jnp.asarray(got).astype(jnp.float32), np.float64)
+    return np.max(np.abs(got - ref)) / np.max(np.abs(ref))
 
 
 def _tol(dtype):
@@ -36,50 +76,58 @@ def _tol(dtype):
     return 2e-5 if dtype == jnp.float32 else 2e-2
 
 
+# every (bits, group size) pair once per platform; M in {1, 7, 16, 128} rotates so that each group
+# size meets every M and each width three of them (one interpret-mode run per case keeps the file
+# fast); M = 7 uses a symmetric spec
+_WIDTH_GROUP = [(b, gs) for b in (2, 3, 4, 8) for gs in (32, 64, 128)]
+_WIDTH_GROUP_M = [(b, gs, (1, 7, 16, 128)[i % 4]) for i, (b, gs) in enumerate(_WIDTH_GROUP)]
+
+
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
-@pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_kernel_equals_reference(platform, bits, gs):
+@pytest.mark.parametrize(("bits", "gs", "m"), _WIDTH_GROUP_M)
+def test_kernel_equals_numpy_oracle(platform, bits, gs, m):
     # K = 384 and N = 200 are multiples of no block (the kernels pad and slice)
-    for m in (1, 7, 16, 128):
-        x, qa = _case(bits, gs, m, 384, 200, seed=m)
-        ref = np.asarray(dequant_matmul_reference(x, qa))
-        got = np.asarray(KERNELS[platform](x, qa, interpret=True))
-        assert got.shape == (m, 200)
-        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
-        assert err < _tol(jnp.float32), (m, err)
+    x, qa, W = _case(bits, gs, m, 384, 200, seed=m, symmetric=(m == 7))
+    got = KERNELS[platform](x, qa, interpret=True)
+    assert got.shape == (m, 200) and got.dtype == jnp.float32
+    err = _rel_err(got, _oracle(x, W))
+    assert err < _tol(jnp.float32), err
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_bf16_activations_and_per_channel_and_batch_dims(platform, bits):
-    x, qa = _case(bits, -1, 7, 320, 136, dtype=jnp.bfloat16)
-    ref = np.asarray(dequant_matmul_reference(x, qa).astype(jnp.float32))
+    x, qa, W = _case(bits, -1, 7, 320, 136, dtype=jnp.bfloat16)
     got = KERNELS[platform](x, qa, interpret=True)
     assert got.dtype == jnp.bfloat16
-    err = np.max(np.abs(np.asarray(got.astype(jnp.float32)) - ref)) / np.max(np.abs(ref))
+    err = _rel_err(got, _oracle(x, W))
     assert err < _tol(jnp.bfloat16), err
     x3 = x.reshape(1, 7, 320)
     np.testing.assert_array_equal(np.asarray(KERNELS[platform](x3, qa, interpret=True)[0]),
                                   np.asarray(got))
 
 
-def test_xla_path_equals_reference():
-    x, qa = _case(3, 64, 16, 384, 200)
-    np.testing.assert_allclose(np.asarray(dequant_matmul_xla(x, qa)),
-                               np.asarray(dequant_matmul_reference(x, qa)), rtol=1e-4, atol=1e-3)
+@pytest.mark.parametrize(("bits", "gs", "symmetric"),
+                         [(3, 64, False), (4, -1, True), (8, 32, False), (5, 96, False)])
+def test_xla_path_and_jnp_reference_equal_numpy_oracle(bits, gs, symmetric):
+    x, qa, W = _case(bits, gs, 16, 384, 200, symmetric=symmetric)
+    ref = _oracle(x, W)
+    assert _rel_err(dequant_matmul_xla(x, qa), ref) < 1e-5
+    assert _rel_err(dequant_matmul_reference(x, qa), ref) < 1e-5
+    xb = x.astype(jnp.bfloat16)  # bf16 activations: the weight is dequantized to bf16
+    got = dequant_matmul_xla(xb, qa)
+    assert got.dtype == jnp.bfloat16
+    assert _rel_err(got, _oracle(xb, W)) < _tol(jnp.bfloat16)
 
 
 def test_multi_block_k_and_explicit_blocks():
     """Several K steps (the accumulator across grid steps) with explicit static block sizes."""
-    x, qa = _case(4, 32, 16, 2048, 256)
-    ref = np.asarray(dequant_matmul_reference(x, qa))
-    got = np.asarray(dequant_matmul_pallas_tpu(x, qa, bm=8, bn=128, bk=1024, interpret=True))
-    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 2e-5
-    x, qa = _case(2, -1, 3, 4096, 128)
-    ref = np.asarray(dequant_matmul_reference(x, qa))
-    got = np.asarray(dequant_matmul_pallas_tpu(x, qa, bm=8, bn=128, bk=2048, interpret=True))
-    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 2e-5
+    x, qa, W = _case(4, 32, 16, 2048, 256)
+    got = dequant_matmul_pallas_tpu(x, qa, bm=8, bn=128, bk=1024, interpret=True)
+    assert _rel_err(got, _oracle(x, W)) < 2e-5
+    x, qa, W = _case(2, -1, 3, 4096, 128)
+    got = dequant_matmul_pallas_tpu(x, qa, bm=8, bn=128, bk=2048, interpret=True)
+    assert _rel_err(got, _oracle(x, W)) < 2e-5
 
 
 def test_unsupported_inputs_are_refused_with_the_reason():
@@ -98,7 +146,7 @@ def test_unsupported_inputs_are_refused_with_the_reason():
 
 
 def test_dispatch_predicates_and_logged_fallback(caplog):
-    x, qa = _case(4, 32, 2, 64, 32)
+    x, qa, W = _case(4, 32, 2, 64, 32)
     assert can_use_pallas_tpu(x, qa, "tpu") == (True, "ok")
     assert not can_use_pallas_tpu(x, qa, "cpu")[0]
     assert can_use_pallas_gpu(x, qa, "cuda")[0]
@@ -111,8 +159,7 @@ def test_dispatch_predicates_and_logged_fallback(caplog):
     with caplog.at_level(logging.INFO, logger="jaxquant.kernels.dispatch"):
         y = quant_matmul(x, qa, platform="cpu")
     assert "XLA dequantize+matmul" in caplog.text and "is not TPU" in caplog.text
-    np.testing.assert_allclose(np.asarray(y), np.asarray(dequant_matmul_reference(x, qa)),
-                               rtol=1e-4, atol=1e-4)
+    assert _rel_err(y, _oracle(x, W)) < 1e-5
     with kernel_mode("interpret", interpret_platform="gpu"):
         y2 = quant_matmul(x, qa)
     np.testing.assert_allclose(np.asarray(y2), np.asarray(y), rtol=1e-4, atol=1e-4)
@@ -142,9 +189,8 @@ def test_jax_triton_kernel_needs_a_gpu_jaxlib():
     pytest.importorskip("jax_triton", exc_type=ImportError)
     from jaxquant.kernels.triton_dequant import dequant_matmul_jax_triton
 
-    x, qa = _case(4, 128, 16, 512, 256)
-    np.testing.assert_allclose(np.asarray(dequant_matmul_jax_triton(x, qa)),
-                               np.asarray(dequant_matmul_reference(x, qa)), rtol=1e-3, atol=1e-3)
+    x, qa, W = _case(4, 128, 16, 512, 256)
+    assert _rel_err(dequant_matmul_jax_triton(x, qa), _oracle(x, W)) < 1e-3
 
 
 @pytest.mark.parametrize("platform", [pytest.param("gpu", marks=pytest.mark.gpu),
@@ -153,7 +199,5 @@ def test_jax_triton_kernel_needs_a_gpu_jaxlib():
 def test_pallas_kernel_compiled_on_device(platform, bits):
     for gs in (32, 64, 128):
         for m in (1, 7, 16, 128):
-            x, qa = _case(bits, gs, m, 4096, 1000, dtype=jnp.bfloat16, seed=m)
-            ref = np.asarray(dequant_matmul_reference(x, qa).astype(jnp.float32))
-            got = np.asarray(KERNELS[platform](x, qa).astype(jnp.float32))
-            assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < _tol(jnp.bfloat16)
+            x, qa, W = _case(bits, gs, m, 4096, 1000, dtype=jnp.bfloat16, seed=m)
+            assert _rel_err(KERNELS[platform](x, qa), _oracle(x, W)) < _tol(jnp.bfloat16)
