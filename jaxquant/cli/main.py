@@ -1,4 +1,5 @@
-"""``jaxquant`` command line: ``eval``, ``generate`` and ``demo``.
+"""``jaxquant`` command line: ``eval``, ``generate``, ``quantize`` and ``demo`` (on the front door:
+``jaxquant.load``, ``quantize_model``, ``evaluate``).
 
 Every command prints a short human table, then one final JSON line for scripts.
 """
@@ -16,10 +17,9 @@ import numpy as np
 
 
 def _load(path: str):
-    from jaxquant import models
-    from jaxquant.models.assets import resolve_model_path
+    import jaxquant as jq
 
-    return models.load(resolve_model_path(path))
+    return jq.load(path)
 
 
 def _windows(model, data: str, n_windows: int | None, seqlen: int) -> np.ndarray:
@@ -54,16 +54,13 @@ def _data_mesh(n: int):
 
 
 def cmd_eval(args) -> dict:
-    from jaxquant import eval as jeval
+    import jaxquant as jq
 
     t0 = time.perf_counter()
     m = _load(args.model)
     windows = _windows(m, args.data, args.windows, args.seqlen)
     mesh = _data_mesh(args.data_parallel)
-    r = jeval.perplexity(
-        jeval.model_logits_fn(m.config, m.params), windows, batch_size=args.batch_size,
-        vocab_size=m.config.vocab_size, mesh=mesh,
-    )
+    r = jq.evaluate(m, windows, windows=0, batch_size=args.batch_size, mesh=mesh)
     out = {"model": m.name, "data": args.data, "tokens": r["tokens"], "ppl": r["ppl"],
            "seconds": round(time.perf_counter() - t0, 2)}
     print(_table([("model", m.name), ("data", f"{args.data} {windows.shape[0]}x{windows.shape[1]}"),
