@@ -114,8 +114,10 @@ def main() -> None:
     for bits in bits_list:
         s = {x["engine"]: x for x in summary if x["bits"] == bits}
         if len(s) == 2:
-            print(f"  W{bits}: PPL ratio jaxquant/peer {s['jaxquant']['ppl_mean'] / s['llm-compressor']['ppl_mean']:.3f}"
-                  f", calibration time ratio {s['jaxquant']['calib_seconds_mean'] / s['llm-compressor']['calib_seconds_mean']:.2f}")
+            jq, pe = s["jaxquant"], s["llm-compressor"]
+            print(f"  W{bits}: PPL ratio jaxquant/peer {jq['ppl_mean'] / pe['ppl_mean']:.3f}, "
+                  f"calibration time ratio "
+                  f"{jq['calib_seconds_mean'] / pe['calib_seconds_mean']:.2f}")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     out = os.path.join(HERE, "results", f"like_for_like_{datetime.date.today().isoformat()}.json")
     with open(out, "w") as f:
