@@ -19,22 +19,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
+from bench_vs_llmcompressor import run  # one subprocess runner for both races
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run(cmd: list[str]) -> dict:
-    print("$", " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(r.stderr[-3000:], file=sys.stderr)
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def calib_files(seeds: list[int]) -> dict[int, str]:

@@ -22,19 +22,6 @@ def _load(path: str):
     return jq.load(path)
 
 
-def _windows(model, data: str, n_windows: int | None, seqlen: int) -> np.ndarray:
-    from jaxquant import data as jdata
-
-    if data == "wikitext2":
-        return jdata.eval_windows(model.tokenizer, n_windows, seqlen)
-    if data.endswith(".npy"):
-        arr = np.load(data, allow_pickle=False)
-        if arr.ndim == 1:
-            return jdata.windows_from_tokens(arr, n_windows, seqlen)
-        return arr[:n_windows] if n_windows else arr
-    raise SystemExit(f"--data must be 'wikitext2' or a .npy file of token ids, got {data!r}")
-
-
 def _table(rows: list[tuple[str, str]]) -> str:
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
@@ -58,12 +45,12 @@ def cmd_eval(args) -> dict:
 
     t0 = time.perf_counter()
     m = _load(args.model)
-    windows = _windows(m, args.data, args.windows, args.seqlen)
     mesh = _data_mesh(args.data_parallel)
-    r = jq.evaluate(m, windows, windows=0, batch_size=args.batch_size, mesh=mesh)
+    r = jq.evaluate(m, args.data, args.windows, seqlen=args.seqlen, batch_size=args.batch_size,
+                    mesh=mesh)
     out = {"model": m.name, "data": args.data, "tokens": r["tokens"], "ppl": r["ppl"],
            "seconds": round(time.perf_counter() - t0, 2)}
-    print(_table([("model", m.name), ("data", f"{args.data} {windows.shape[0]}x{windows.shape[1]}"),
+    print(_table([("model", m.name), ("data", f"{args.data} {r['windows']}x{r['seqlen']}"),
                   ("tokens", str(r["tokens"])), ("ppl", f"{r['ppl']:.4f}"),
                   ("seconds", f"{out['seconds']:.1f}")]))
     return out
@@ -93,40 +80,22 @@ def cmd_generate(args) -> dict:
             "new_tokens": len(new), "seconds": round(secs, 2)}
 
 
-def _calib_tokens(tokenizer_fn, calib: str, n: int, seqlen: int, seed: int) -> np.ndarray:
-    from jaxquant import data as jdata
-
-    if calib.endswith(".npy"):
-        if not os.path.isfile(calib):
-            raise SystemExit(f"--calib: file not found: {calib}")
-        arr = np.load(calib, allow_pickle=False)
-        return arr if arr.ndim == 2 else jdata.windows_from_tokens(arr, n, seqlen)
-    if calib != "wikitext2":
-        raise SystemExit(f"--calib must be 'wikitext2' or a .npy file of token ids, got {calib!r}")
-    return jdata.calib_windows(tokenizer_fn(), n, seqlen, seed=seed)
-
-
 def cmd_quantize(args) -> dict:
     import resource
 
     import jaxquant as jq
     from jaxquant.calibration import report
     from jaxquant.models.assets import resolve_model_path
-    from jaxquant.models.loading import load_tokenizer
     from jaxquant.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
-    c = recipe.calib
     path = resolve_model_path(args.model)
-    calib = None
-    if recipe.needs_data:
-        calib = _calib_tokens(lambda: load_tokenizer(path), args.calib,
-                              args.n_samples or c["n_samples"], args.seqlen or c["seqlen"],
-                              c["seed"])
-        if args.n_samples or args.seqlen:  # the command line overrides the recipe's sizes
-            recipe = recipe.with_calib(n_samples=int(calib.shape[0]), seqlen=int(calib.shape[1]))
+    # the command line overrides the recipe's calibration sizes
+    sizes = {k: v for k, v in (("n_samples", args.n_samples), ("seqlen", args.seqlen)) if v}
+    if sizes:
+        recipe = recipe.with_calib(**sizes)
     mesh = _data_mesh(args.data_parallel)
-    qm = jq.quantize_model(path, recipe, calib, out=args.out, resume=args.resume, mesh=mesh)
+    qm = jq.quantize_model(path, recipe, args.calib, out=args.out, resume=args.resume, mesh=mesh)
     res = qm.calibration
     print(report.format_table(res.report))
     print()
