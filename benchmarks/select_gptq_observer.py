@@ -53,7 +53,7 @@ def main() -> None:
             for rule in r["rules"]:
                 rule["spec"]["scale_method"] = method
                 if method == "mse":
-                    rule["spec"].update(clip_ratio=0.8, mse_grid=100, mse_norm=2.4)
+                    rule["spec"].update(clip_ratio=0.81, mse_grid=20, mse_norm=2.4)
             t0 = time.perf_counter()
             res = calibrate(adapter_for(path), load_recipe(r), calib, progress=False)
             secs = time.perf_counter() - t0

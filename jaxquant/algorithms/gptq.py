@@ -48,24 +48,24 @@ def _hinv(H: jax.Array, damp: float, max_tries: int) -> tuple[jax.Array, jax.Arr
     lam0 = damp * jnp.mean(jnp.diag(H))
 
     def attempt(lam):
-        L = jnp.linalg.cholesky(H + lam * eye)
-        Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
-        Hi = Linv.T @ Linv  # (H + λI)⁻¹
-        U = jnp.linalg.cholesky(Hi).T
+        # With J the reversal permutation and J (H + λI) J = M Mᵀ (M lower), H + λI = R Rᵀ for
+        # the upper triangular R = J M J, so (H + λI)⁻¹ = UᵀU with U = R⁻¹ = J M⁻¹ J: one
+        # factorisation and one triangular solve, no explicit inverse.
+        M = jnp.linalg.cholesky((H + lam * eye)[::-1, ::-1])
+        U = jax.scipy.linalg.solve_triangular(M, eye, lower=True)[::-1, ::-1]
         return U, jnp.all(jnp.isfinite(U))
 
-    def cond(state):
-        _, ok, tries, _ = state
-        return jnp.logical_and(~ok, tries < max_tries)
-
-    def body(state):
-        _, _, tries, lam = state
-        lam = lam * 10.0
+    # attempt 0 uses λ0, each later one 10x the previous (1 + max_tries in all); the first attempt
+    # is the loop's first iteration, so the factorisation is compiled once
+    def body(st):
+        _, _, tries, lam = st
+        lam = jnp.where(tries == 0, lam, 10.0 * lam)
         U, ok = attempt(lam)
         return U, ok, tries + 1, lam
 
-    U, ok = attempt(lam0)
-    U, ok, _, lam = jax.lax.while_loop(cond, body, (U, ok, jnp.asarray(0), lam0))
+    U, _, _, lam = jax.lax.while_loop(
+        lambda st: jnp.logical_and(~st[1], st[2] <= max_tries), body,
+        (jnp.zeros_like(H), jnp.asarray(False), jnp.asarray(0), lam0))
     return U, lam
 
 

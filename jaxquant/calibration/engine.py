@@ -113,9 +113,11 @@ def _is_q(a) -> bool:
     return isinstance(a, QArray)
 
 
-@jax.jit
 def dense_params(tree):
-    """``tree`` with every QArray dequantized to float32 (done once per stage, not per chunk)."""
+    """``tree`` with every QArray dequantized to float32 (done once per stage, not per chunk).
+
+    Leaf by leaf, not one jit over the tree: the tree's structure changes as each stage's linears
+    are quantized, and a whole-tree jit recompiled for every stage (8 s of a 30-block run)."""
     return jax.tree.map(lambda a: dequantize(a, dtype=jnp.float32) if _is_q(a) else a, tree,
                         is_leaf=_is_q)
 
