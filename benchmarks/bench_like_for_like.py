@@ -1,9 +1,9 @@
 """Like-for-like GPTQ race with llm-compressor (protocol.md, "Comparing like with like").
 
 Both sides: asymmetric int weights, group 64, blocksize 128, damp 0.01, act-order static, group
-scales by an MSE grid search (jaxquant: ``scale_method: mse``, clip ratios [0.8, 1], grid 100,
-norm 2.4; llm-compressor: ``observer: mse``, maxshrink 0.2, grid 100, norm 2.4), the same
-calibration windows. W4 on the shipped seed-0 windows; W3 and W2 on 3 calibration draws (seeds 0,
+scales by an MSE grid search over the same 20 shrink ratios 1.00, 0.99, ..., 0.81 (jaxquant:
+``scale_method: mse``, clip_ratio 0.81, mse_grid 20, norm 2.4; llm-compressor: ``observer: mse``,
+maxshrink 0.2, grid 100, norm 2.4), the same calibration windows. W4 on the shipped seed-0 windows; W3 and W2 on 3 calibration draws (seeds 0,
 1, 2 of the protocol's rule). One process per run, never two at once, so calibration wall time and
 peak RSS are each run's own. Prints a table (mean and spread) and writes
 benchmarks/results/like_for_like_<date>.json.
@@ -60,6 +60,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--peer-python", default=None)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--reuse-peer", default=None,
+                    help="a like_for_like JSON whose llm-compressor rows are kept (the peer's "
+                         "code and data are unchanged); the peer runs only where it has no row")
+    ap.add_argument("--compile-cache", default=None,
+                    help="XLA compilation cache for jaxquant (default: none, a cold start)")
     args = ap.parse_args()
     from jaxquant.data import data_dir
     from jaxquant.models.assets import resolve_model_path
@@ -69,14 +74,24 @@ def main() -> None:
     files = calib_files(sorted(set(seeds) | {0}))
     gguf = resolve_model_path("smollm2-135m")
     rows = []
+    kept = []
+    if args.reuse_peer:
+        with open(args.reuse_peer) as f:
+            kept = [r for r in json.load(f)["rows"] if r.get("engine") == "llm-compressor"
+                    and "ppl" in r]
+    cache = ["--compile-cache", args.compile_cache] if args.compile_cache else []
     for bits in bits_list:
         for seed in (seeds if bits < 4 else [0]):
             base = {"bits": bits, "seed": seed}
             rows.append(run([sys.executable, os.path.join(HERE, "jaxquant_run.py"), "--algo",
                              "gptq", "--bits", str(bits), "--group", "64", "--windows",
-                             str(args.windows), "--calib", files[seed]]) | base)
+                             str(args.windows), "--calib", files[seed], *cache]) | base)
             print(json.dumps(rows[-1]), flush=True)
-            if args.peer_python and not args.skip_peer:
+            old = [r for r in kept if r["bits"] == bits and r["seed"] == seed]
+            if old:
+                rows.append(old[0] | {"reused_from": os.path.basename(args.reuse_peer)})
+                print(json.dumps(rows[-1]), flush=True)
+            elif args.peer_python and not args.skip_peer:
                 rows.append(run([args.peer_python, os.path.join(HERE, "peers",
                                  "llmcompressor_run.py"), "--algo", "gptq", "--bits", str(bits),
                                  "--group", "64", "--gguf", gguf, "--data", data_dir(),

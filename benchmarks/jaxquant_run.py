@@ -24,7 +24,14 @@ def main() -> None:
     ap.add_argument("--calib", default=None, help=".npy of calibration windows (default: the "
                     "protocol's seed-0 file)")
     ap.add_argument("--recipe", default=None, help="default: {algo}_w{bits}_g{group}")
+    ap.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache "
+                    "directory (default: none, every program is compiled: a cold start)")
     args = ap.parse_args()
+    if args.compile_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     import protocol_data
 
@@ -50,7 +57,8 @@ def main() -> None:
     phases = {p: round(sum(getattr(b, p) for b in res.blocks), 2)
               for p in ("read", "statistics", "algorithm", "propagation", "checkpoint")}
     print(json.dumps({"engine": "jaxquant", "algo": args.algo, "bits": args.bits,
-                      "group": args.group, "recipe": recipe.name, "calib_seconds": round(secs, 1),
+                      "group": args.group, "recipe": recipe.name,
+                      "compile_cache": bool(args.compile_cache), "calib_seconds": round(secs, 1),
                       "phase_seconds": phases, "peak_rss_mib": round(rss, 1), "ppl": ppl}))
 
 

@@ -28,6 +28,22 @@ def _gram(a, b):
     return jnp.matmul(a.T, b, precision=_PRECISION)
 
 
+# from this many channels on, H = xᵀx is computed as its upper 4x4 blocks (10 of 16 products)
+_SYM_MIN_K, _SYM_SPLIT = 1024, 4
+
+
+def _sym_gram(x):
+    """``xᵀx`` for ``x`` ``[T, K]``, exploiting its symmetry when ``K`` is large."""
+    k = x.shape[-1]
+    if k < _SYM_MIN_K or k % _SYM_SPLIT:
+        return _gram(x, x)
+    c = k // _SYM_SPLIT
+    xs = [x[:, i * c:(i + 1) * c] for i in range(_SYM_SPLIT)]
+    up = {(i, j): _gram(xs[i], xs[j]) for i in range(_SYM_SPLIT) for j in range(i, _SYM_SPLIT)}
+    return jnp.block([[up[i, j] if i <= j else up[j, i].T for j in range(_SYM_SPLIT)]
+                      for i in range(_SYM_SPLIT)])
+
+
 def chunk_stats(x, *, needs: frozenset = frozenset({"H"}), w=None, x_ref=None, group=None,
                 n_groups: int = 0) -> dict:
     """Statistics of one chunk ``x`` ``[B, ..., K]`` (see the module docstring)."""
@@ -37,7 +53,7 @@ def chunk_stats(x, *, needs: frozenset = frozenset({"H"}), w=None, x_ref=None, g
     ws = jnp.ones((b,), jnp.float32) if w is None else w.astype(jnp.float32)
     wt = jnp.repeat(ws, t)[:, None]  # [B*T, 1]
     flat = x2.reshape(-1, k)
-    xw = flat * wt
+    xw = flat if w is None else flat * wt
     out = {
         "sum": jnp.sum(xw, axis=0),
         "count": jnp.sum(wt),
@@ -46,7 +62,7 @@ def chunk_stats(x, *, needs: frozenset = frozenset({"H"}), w=None, x_ref=None, g
         "finite": jnp.all(jnp.isfinite(flat)),
     }
     if "H" in needs:
-        out["H"] = _gram(xw, flat)
+        out["H"] = _sym_gram(flat) if w is None else _gram(xw, flat)
     if "H_groups" in needs:
         onehot = jax.nn.one_hot(group, n_groups, dtype=jnp.float32) * ws[:, None]  # [B, G]
         out["H_groups"] = jnp.einsum("bg,bti,btj->gij", onehot, x2, x2, precision=_PRECISION)

@@ -284,6 +284,19 @@ def test_weighted_and_grouped_hessians_equal_explicit_sums():
                                Ha, rtol=1e-5, atol=1e-5)
 
 
+def test_wide_hessian_from_its_upper_blocks_equals_numpy():
+    """Wide inputs (K >= 1024, a down_proj's) get H from the upper blocks of its block split:
+    every block, the mirrored ones included, must equal the float64 product."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 96, 1280)) * rng.uniform(0.1, 4, 1280)).astype(np.float32)
+    st = S.chunk_stats(jnp.asarray(x), needs=frozenset({"H"}))
+    flat = x.reshape(-1, 1280).astype(np.float64)
+    H = flat.T @ flat
+    got = np.asarray(st["H"], np.float64)
+    np.testing.assert_allclose(got, H, rtol=1e-4, atol=1e-3 * np.abs(H).max() * 1e-3)
+    assert np.array_equal(got, got.T)
+
+
 def test_shift_and_rescale_equal_recomputed_statistics():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((4, 6, 8)).astype(np.float32) + 0.5)
