@@ -19,6 +19,18 @@ input channels): the weight is transposed from jaxquant's Flax ``[K, N]`` on ent
   the original weights first. ``act_order=True`` quantizes columns in order of decreasing ``H_jj``
   and then always uses static groups, so every group still covers g *consecutive* input channels
   and the packed layout needs no ``g_idx``.
+* ``gar=True`` (GAR ordering, as D²Quant's public code does it): within each group, columns by
+  decreasing ``H_jj``; groups by their largest ``H_jj``. Groups stay contiguous, so group
+  parameters are fitted at each group start (dynamic groups) and still cover one original group.
+
+GPTAQ (Li et al., ICML 2025, "GPTQv2: Efficient Finetuning-Free Quantization with Asymmetric
+Calibration"): ``H`` from the quantized-stream inputs ``X̃`` and the cross term
+``dXXᵀ = (X − X̃) X̃ᵀ`` from the fp-stream inputs ``X``; with ``L`` the upper Cholesky factor of
+``H⁻¹``, ``P = α · triu(dXXᵀ Lᵀ, 1) L``. The column update becomes
+``W[:, j:] -= err_j ⊗ L[j, j:] − w_j ⊗ P[j, j:]`` (``w_j`` the column before it is quantized), and
+the lazy block update ``W[:, i2:] -= Err1 · L[i1:i2, i2:] − W1 · P[i1:i2, i2:]`` with ``W1`` the
+block after its loop (its quantized values), as the authors' code does. ``P = 0`` when ``X = X̃``:
+GPTAQ is then GPTQ.
 """
 
 from __future__ import annotations
@@ -69,19 +81,37 @@ def _hinv(H: jax.Array, damp: float, max_tries: int) -> tuple[jax.Array, jax.Arr
     return U, lam
 
 
+def gar_permutation(h_diag: jax.Array, group_size: int) -> jax.Array:
+    """GAR's column order: groups of ``group_size`` consecutive columns by their largest ``H_jj``
+    (descending), and within each group its columns by ``H_jj`` (descending). ``perm[p]`` is the
+    original column quantized at position ``p``; every run of ``group_size`` positions holds one
+    original group."""
+    k = h_diag.shape[0]
+    d = h_diag.reshape(k // group_size, group_size)
+    within = jnp.argsort(-d, axis=1)
+    order = jnp.argsort(-jnp.max(d, axis=1))
+    return (order[:, None] * group_size + within[order]).reshape(-1)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("spec", "blocksize", "damp", "act_order", "static_groups", "max_damp_tries"),
+    static_argnames=("spec", "blocksize", "damp", "act_order", "static_groups", "max_damp_tries",
+                     "gar", "alpha"),
 )
-def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp_tries):
-    """``W`` ``[N, K]`` (paper layout), ``H`` ``[K, K]``. Returns codes ``[N, K]``, ``S``/``Z``
-    ``[G, N]``, and diagnostics."""
+def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_groups,
+              max_damp_tries, gar=False, alpha=0.25):
+    """``W`` ``[N, K]`` (paper layout), ``H`` ``[K, K]``, ``cross`` ``[K, K]`` (GPTAQ's
+    ``(X − X̃)X̃ᵀ``; None: GPTQ). Returns codes ``[N, K]``, ``S``/``Z`` ``[G, N]``, and
+    diagnostics."""
     n, k = W.shape
     W = W.astype(jnp.float32)
     H = H.astype(jnp.float32)
     dead = jnp.diag(H) == 0
     H = H + jnp.diag(dead.astype(jnp.float32))
     W = jnp.where(dead[None, :], 0.0, W)
+    asym = cross is not None
+    if asym:
+        cross = jnp.where(dead[None, :], 0.0, cross.astype(jnp.float32))
 
     grouped = not (spec.per_tensor or spec.group_size == -1)
     gs = spec.group_size if grouped else k
@@ -96,11 +126,16 @@ def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp
 
     if act_order:
         perm = jnp.argsort(-jnp.diag(H))
+    elif gar:
+        perm = gar_permutation(jnp.diag(H), gs)
     else:
         perm = jnp.arange(k)
     W = W[:, perm]
     H = H[perm][:, perm]
     Hinv, lam = _hinv(H, damp, max_damp_tries)
+    if asym:
+        cross = cross[perm][:, perm]
+        P = alpha * jnp.triu(cross @ Hinv.T, 1) @ Hinv
 
     B = _effective_blocksize(k, blocksize, spec)
     kp = math.ceil(k / B) * B
@@ -110,6 +145,8 @@ def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp
             jnp.concatenate([jnp.zeros((k,), jnp.float32), jnp.ones((kp - k,), jnp.float32)])
         )
         perm_p = jnp.concatenate([perm, jnp.arange(k, kp)])
+        if asym:
+            P = jnp.pad(P, ((0, kp - k), (0, kp - k)))
     else:
         perm_p = perm
     maxq = float(spec.maxq)
@@ -120,6 +157,7 @@ def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp
         i1 = bi * B
         W1 = jax.lax.dynamic_slice(W, (0, i1), (n, B))
         Hinv1 = jax.lax.dynamic_slice(Hinv, (i1, i1), (B, B))
+        P1 = jax.lax.dynamic_slice(P, (i1, i1), (B, B)) if asym else None
 
         def column(i, cstate):
             W1, Q1, Err1, S, Z, s_cur, z_cur = cstate
@@ -134,7 +172,8 @@ def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp
                     return s_new[0], z_new[0]
 
                 s, z = jax.lax.cond(i % gs == 0, fit, lambda _: (s_cur, z_cur), None)
-                g = jnp.minimum(j // gs, n_groups - 1)
+                # the group of the original layout (GAR permutes whole groups)
+                g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
                 write = (i % gs == 0) & (j < k)
                 S = jnp.where(write, S.at[g].set(s.astype(sdt)), S)
                 Z = jnp.where(write, Z.at[g].set(z), Z)
@@ -145,7 +184,10 @@ def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp
             wq = s32 * (q - z)
             err = (w - wq) / d
             # Hinv1 is upper triangular: row i touches only columns >= i
-            W1 = W1 - err[:, None] * Hinv1[i][None, :]
+            upd = err[:, None] * Hinv1[i][None, :]
+            if asym:  # GPTAQ's asymmetric term, with the column before quantization
+                upd = upd - w[:, None] * P1[i][None, :]
+            W1 = W1 - upd
             Q1 = Q1.at[:, i].set(q)
             Err1 = Err1.at[:, i].set(err)
             return W1, Q1, Err1, S, Z, s, z
@@ -153,12 +195,15 @@ def gptq_core(W, H, *, spec, blocksize, damp, act_order, static_groups, max_damp
         zeros = jnp.zeros((n, B), jnp.float32)
         s0 = jnp.ones((n,), sdt)
         z0 = jnp.zeros((n,), jnp.float32)
-        _, Q1, Err1, S, Z, _, _ = jax.lax.fori_loop(
+        W1, Q1, Err1, S, Z, _, _ = jax.lax.fori_loop(
             0, B, column, (W1, zeros, zeros, S, Z, s0, z0)
         )
         Q = jax.lax.dynamic_update_slice(Q, Q1, (0, i1))
         # lazy batch update of all later columns (rows i1..i1+B of Hinv are zero left of i1)
-        W = W - Err1 @ jax.lax.dynamic_slice(Hinv, (i1, 0), (B, kp))
+        upd = Err1 @ jax.lax.dynamic_slice(Hinv, (i1, 0), (B, kp))
+        if asym:  # W1 now holds the block's quantized values (the authors' lazy update)
+            upd = upd - W1 @ jax.lax.dynamic_slice(P, (i1, 0), (B, kp))
+        W = W - upd
         return W, Q, S, Z
 
     Q = jnp.zeros((n, kp), jnp.float32)
@@ -193,22 +238,29 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    gar: bool = False,
     max_damp_tries: int = 6,
+    cross: jax.Array | None = None,
+    alpha: float = 0.25,
 ) -> tuple[QArray, dict]:
-    """GPTQ-quantize ``w`` (``[K, N]``, Flax layout) given ``H = Σ x xᵀ`` (``[K, K]``).
+    """GPTQ-quantize ``w`` (``[K, N]``, Flax layout) given ``H = Σ x̃ x̃ᵀ`` (``[K, K]``); with
+    ``cross = Σ (x − x̃) x̃ᵀ`` against the fp inputs ``x`` it is GPTAQ with correction ``alpha``.
 
     Returns:
       ``(QArray, diagnostics)``; diagnostics hold the dampening ``λ`` actually used and the number
       of dead input channels.
     """
-    check_weight_and_hessian(w, H, spec, name="gptq")
-    if blocksize < 1:
-        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
-    if not 0 <= damp:
-        raise ValueError(f"damp must be >= 0, got {damp}")
+    name = "gptq" if cross is None else "gptaq"
+    check_weight_and_hessian(w, H, spec, name=name)
+    if cross is not None and cross.shape != H.shape:
+        raise ValueError(f"{name}: cross must be [K, K] = {tuple(H.shape)}, got "
+                         f"{tuple(cross.shape)}")
+    _check({"blocksize": blocksize, "damp": damp, "act_order": act_order, "gar": gar,
+            "alpha": alpha}, spec)
     Q, S, Z, diag = gptq_core(
-        w.T, H, spec=spec, blocksize=blocksize, damp=damp, act_order=act_order,
-        static_groups=static_groups, max_damp_tries=max_damp_tries,
+        w.T, H, cross, spec=spec, blocksize=blocksize, damp=damp, act_order=act_order,
+        static_groups=static_groups, max_damp_tries=max_damp_tries, gar=gar,
+        alpha=float(alpha),
     )
     return from_codes(Q.T, S, Z, spec, dtype=w.dtype), diag
 
@@ -218,6 +270,10 @@ def _check(opts: dict, spec) -> None:
         raise ValueError(f"options.blocksize must be >= 1, got {opts['blocksize']}")
     if opts["damp"] < 0:
         raise ValueError(f"options.damp must be >= 0, got {opts['damp']}")
+    if opts.get("gar") and opts.get("act_order"):
+        raise ValueError("options.gar and options.act_order are two column orders; choose one")
+    if opts.get("alpha", 0.0) < 0:
+        raise ValueError(f"options.alpha must be >= 0, got {opts['alpha']}")
 
 
 def _quantize(W, stats, spec: QuantSpec, **opts):
@@ -225,7 +281,20 @@ def _quantize(W, stats, spec: QuantSpec, **opts):
     return qa, {"diagnostics": diag}
 
 
+def _quantize_gptaq(W, stats, spec: QuantSpec, **opts):
+    qa, diag = gptq(W, stats["H"], spec, cross=stats["cross"], **opts)
+    return qa, {"diagnostics": diag}
+
+
+_GPTQ_OPTIONS = {"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False,
+                 "gar": False}
+
 register(Algorithm(
-    "gptq", _quantize, needs=frozenset({"H"}),
-    options={"blocksize": 128, "damp": 0.01, "act_order": False, "static_groups": False},
+    "gptq", _quantize, needs=frozenset({"H"}), options=_GPTQ_OPTIONS,
     check=_check, batchable=True, doc="GPTQ (Frantar et al. 2023) on H = Σ x xᵀ"))
+
+register(Algorithm(
+    "gptaq", _quantize_gptaq, needs=frozenset({"H", "cross"}),
+    options={**_GPTQ_OPTIONS, "alpha": 0.25}, check=_check, batchable=True,
+    doc="GPTAQ / GPTQv2 (Li et al. 2025): GPTQ on the quantized stream's H plus the asymmetric "
+        "correction from the fp stream's cross term"))

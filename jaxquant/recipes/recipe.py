@@ -215,6 +215,13 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
     if ref is not None and dac_opts is not None and dict(dac_opts)["reference"] != ref:
         raise RecipeError(f"{source}: dac.reference {dict(dac_opts)['reference']!r} differs "
                           f"from the recipe's reference stream {ref!r}")
+    for i, r in enumerate(rules):
+        reads_ref = r.algorithm != KEEP_FP and "cross" in registry.get(r.algorithm).needs
+        if reads_ref and (ref or (dict(dac_opts)["reference"] if dac_opts else None)) is None:
+            raise RecipeError(
+                f"{source}: rules[{i}] ({r.pattern!r}) runs {r.algorithm}, which reads the cross "
+                "term against the fp reference stream, but the recipe carries none; add "
+                "'reference: fp_prefix' (the fp model's own activations)")
     return Recipe(d.get("name", os.path.basename(source)), tuple(rules),
                   tuple(sorted(calib.items())), d.get("description", ""), source,
                   ref, dac_opts)

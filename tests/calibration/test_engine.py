@@ -403,6 +403,8 @@ def test_bad_calibration_inputs(tiny):
         ({"rules": [{"pattern": ".*", "algorithm": "rtn"}], "sequential": "attn_mlp"},
          "true-sequentially"),
         ({"rules": [{"pattern": ".*", "algorithm": "rtn"}], "reference": "fp"}, "reference"),
+        ({"rules": [{"pattern": ".*", "algorithm": "gptaq"}]},
+         r"rules\[0\].*gptaq.*fp reference stream.*reference: fp_prefix"),
     ],
 )
 def test_bad_recipes(recipe, match):
