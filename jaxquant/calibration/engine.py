@@ -43,6 +43,7 @@ from jaxquant.calibration import stats as S
 from jaxquant.core.qarray import QArray, dequantize, split_columns
 from jaxquant.models.blockspec import BlockSpec, ModelAdapter, Producer, Stage
 from jaxquant.models.quantized import load_tree, save_tree
+from jaxquant.models.rotation import RotatedAdapter, RotationSpec
 from jaxquant.recipes.recipe import KEEP_FP, Recipe
 
 log = logging.getLogger(__name__)
@@ -423,6 +424,8 @@ def calibrate(
       on_block_end: ``callback(block_index, info)`` after every block (tests, logging).
     """
     t_start = time.perf_counter()
+    if recipe.rotation is not None:  # folded into the fp weights as each block is read
+        model = RotatedAdapter(model, RotationSpec(**recipe.rotation))
     spec = model.spec
     model.check()
     unmatched, unused = check_recipe_against_spec(recipe, spec, model.num_blocks)

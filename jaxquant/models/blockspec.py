@@ -65,6 +65,9 @@ class BlockSpec:
     linears: tuple[str, ...]
     batch_fields: tuple[str, ...] = ()
     stream: str = "x"  # the state key that carries the block input and output
+    # linears whose output is added to the stream (a residual rotation right-multiplies them);
+    # the stream's readers are the linears of the stages whose producer is a norm of the stream
+    residual_writers: tuple[str, ...] = ()
 
     def __post_init__(self):
         seen: dict[str, str] = {}

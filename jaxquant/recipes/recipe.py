@@ -26,7 +26,9 @@ from jaxquant.core.spec import QuantSpec
 
 KEEP_FP = "none"  # the algorithm name that keeps a layer in floating point
 _RULE_KEYS = {"pattern", "algorithm", "spec", "options"}
-_RECIPE_KEYS = {"name", "description", "rules", "calibration", "reference", "dac"}
+_RECIPE_KEYS = {"name", "description", "rules", "calibration", "reference", "dac", "rotation"}
+# a residual rotation folded into the fp weights before calibration (jaxquant.models.rotation)
+_ROTATION_KEYS = {"kind": "block_hadamard", "block": 64, "seed": 0}
 # the fp reference stream a recipe may ask for (one more forward per block): the fp model's own
 # activations ("fp_prefix") or the fp block on the quantized stream's block input ("same_input")
 REFERENCES = ("fp_prefix", "same_input")
@@ -70,6 +72,14 @@ class Recipe:
     source: str = "<dict>"
     reference_stream: str | None = None
     dac_options: tuple[tuple[str, Any], ...] | None = None  # None: no DAC
+    rotation_options: tuple[tuple[str, Any], ...] | None = None  # None: no rotation
+
+    @property
+    def rotation(self) -> dict | None:
+        """Rotation settings (``kind``, ``block``, ``seed``) or None."""
+        if self.rotation_options is None:
+            return None
+        return {**_ROTATION_KEYS, **dict(self.rotation_options)}
 
     @property
     def dac(self) -> dict | None:
@@ -119,6 +129,7 @@ class Recipe:
             "reference": self.reference_stream,
             "dac": None if self.dac_options is None else
             {k: list(v) if isinstance(v, tuple) else v for k, v in self.dac_options},
+            **({} if self.rotation_options is None else {"rotation": self.rotation}),
         }
 
     def with_calib(self, **kw) -> Recipe:
@@ -215,6 +226,21 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
     if ref is not None and dac_opts is not None and dict(dac_opts)["reference"] != ref:
         raise RecipeError(f"{source}: dac.reference {dict(dac_opts)['reference']!r} differs "
                           f"from the recipe's reference stream {ref!r}")
+    rot = d.get("rotation")
+    rot_opts = None
+    if rot is not None and rot is not False:
+        if rot is True:
+            rot = {}
+        if not isinstance(rot, dict):
+            raise RecipeError(f"{source}: rotation must be a mapping (or true), got {rot!r}")
+        _unknown(rot, _ROTATION_KEYS, f"{source}: rotation")
+        from jaxquant.models.rotation import RotationSpec  # validates kind and block
+
+        try:
+            RotationSpec(**{**_ROTATION_KEYS, **rot})
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{source}: {e}") from None
+        rot_opts = tuple(sorted(rot.items()))
     for i, r in enumerate(rules):
         reads_ref = r.algorithm != KEEP_FP and "cross" in registry.get(r.algorithm).needs
         if reads_ref and (ref or (dict(dac_opts)["reference"] if dac_opts else None)) is None:
@@ -224,7 +250,7 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
                 "'reference: fp_prefix' (the fp model's own activations)")
     return Recipe(d.get("name", os.path.basename(source)), tuple(rules),
                   tuple(sorted(calib.items())), d.get("description", ""), source,
-                  ref, dac_opts)
+                  ref, dac_opts, rot_opts)
 
 
 def load_recipe(name_or_path: str | os.PathLike | dict) -> Recipe:

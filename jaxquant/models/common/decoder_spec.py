@@ -100,6 +100,7 @@ def decoder_block_spec(cfg: DecoderConfig) -> BlockSpec:
         finish=finish,
         linears=LINEARS,
         batch_fields=("positions",),
+        residual_writers=("self_attn/o_proj", "mlp/down_proj"),
     )
 
 
@@ -155,6 +156,29 @@ class _DecoderAdapter:
 
     def make_batch(self, calib, *, n_samples: int, seqlen: int) -> dict:
         return decoder_batch(self.config, calib, n_samples=n_samples, seqlen=seqlen)
+
+    # residual rotation (jaxquant.models.rotation)
+    @property
+    def stream_dim(self) -> int:
+        return self.config.hidden_size
+
+    def rotated_config(self) -> DecoderConfig:
+        return self.config.replace(tie_word_embeddings=False)  # the head gets the final norm
+
+    def rotate_top(self, params: dict, Q) -> dict:
+        """Embedding rows ``E Q``; the final norm's gain fused into an (untied) head
+        ``Qᵀ diag(g) W_head``; the final norm's gain set to 1."""
+        if "bias" in params["norm"]:
+            raise ValueError("rotation: the final norm 'norm' has a bias, which cannot be fused "
+                             "into the LM head")
+        hi = jax.lax.Precision.HIGHEST
+        E = jnp.asarray(params["embed_tokens"]["embedding"], jnp.float32)
+        g = jnp.asarray(params["norm"]["scale"], jnp.float32)
+        W = E.T if "lm_head" not in params else jnp.asarray(params["lm_head"]["kernel"],
+                                                             jnp.float32)
+        return {**params, "embed_tokens": {"embedding": jnp.matmul(E, Q, precision=hi)},
+                "norm": {"scale": jnp.ones_like(g)},
+                "lm_head": {"kernel": jnp.matmul(Q.T, g[:, None] * W, precision=hi)}}
 
 
 class DecoderSourceAdapter(_DecoderAdapter):
