@@ -71,7 +71,7 @@ def paley2(q: int) -> np.ndarray:
             + np.kron(np.eye(q + 1, dtype=np.int64), np.array([[1, 1], [1, -1]])))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def _paley_orders(limit: int) -> dict[int, tuple[str, int]]:
     """Non-power-of-two orders up to ``limit`` that one Paley construction gives directly."""
     out: dict[int, tuple[str, int]] = {}
@@ -124,7 +124,8 @@ def hadamard_orders_supported(n: int) -> bool:
 
 
 def random_hadamard(n: int, seed: int = 0) -> np.ndarray:
-    """The orthogonal ``H D / √n`` (``D`` a random ±1 diagonal from ``seed``), float64 ``[n, n]``."""
+    """The orthogonal ``H D / √n`` (``D`` a random ±1 diagonal from ``seed``), float64
+    ``[n, n]``."""
     d = np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
     return hadamard(n) * d[None, :] / np.sqrt(n)
 

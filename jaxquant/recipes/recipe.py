@@ -147,6 +147,19 @@ class Recipe:
             r.algorithm != KEEP_FP and registry.get(r.algorithm).needs for r in self.rules)
 
 
+def _section(d: dict, key: str, allowed, source: str) -> dict | None:
+    """An optional mapping section (``true`` = all defaults; absent or ``false`` = None)."""
+    v = d.get(key)
+    if v is None or v is False:
+        return None
+    if v is True:
+        return {}
+    if not isinstance(v, dict):
+        raise RecipeError(f"{source}: {key} must be a mapping (or true), got {v!r}")
+    _unknown(v, allowed, f"{source}: {key}")
+    return v
+
+
 def _unknown(keys, allowed, where: str) -> None:
     extra = sorted(set(keys) - set(allowed))
     if extra:
@@ -199,14 +212,9 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
         rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items()))))
     calib = d.get("calibration") or {}
     _unknown(calib, _CALIB_KEYS, f"{source}: calibration")
-    dac = d.get("dac")
+    dac = _section(d, "dac", _DAC_KEYS, source)
     dac_opts = None
-    if dac is not None and dac is not False:
-        if dac is True:
-            dac = {}
-        if not isinstance(dac, dict):
-            raise RecipeError(f"{source}: dac must be a mapping (or true), got {dac!r}")
-        _unknown(dac, _DAC_KEYS, f"{source}: dac")
+    if dac is not None:
         dac = {**_DAC_KEYS, **dac}
         norms = dac["norms"]
         if isinstance(norms, str):
@@ -226,14 +234,9 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
     if ref is not None and dac_opts is not None and dict(dac_opts)["reference"] != ref:
         raise RecipeError(f"{source}: dac.reference {dict(dac_opts)['reference']!r} differs "
                           f"from the recipe's reference stream {ref!r}")
-    rot = d.get("rotation")
+    rot = _section(d, "rotation", _ROTATION_KEYS, source)
     rot_opts = None
-    if rot is not None and rot is not False:
-        if rot is True:
-            rot = {}
-        if not isinstance(rot, dict):
-            raise RecipeError(f"{source}: rotation must be a mapping (or true), got {rot!r}")
-        _unknown(rot, _ROTATION_KEYS, f"{source}: rotation")
+    if rot is not None:
         from jaxquant.models.rotation import RotationSpec  # validates kind and block
 
         try:
