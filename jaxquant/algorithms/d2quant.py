@@ -308,11 +308,61 @@ def _quantize(W, stats, spec: QuantSpec, **opts):
 
 
 register(Algorithm(
-    "dsq", _quantize, needs=frozenset({"H"}),
+    "dsq_uniform", _quantize, needs=frozenset({"H"}),
     options={"iters": 5, "init": "ones", "requant": "gptq", "ls": "full", "refit_scales": True,
              "monotone": True, "blocksize": 128, "damp": 0.01, "act_order": False,
              "static_groups": False},
     choices={"init": DSQ_INITS, "requant": DSQ_REQUANT, "ls": DSQ_LS},
     check=_check, producer_fold=True, fold_target="gated_mlp",
-    doc="D²Quant's dual-scale quantizer; its per-input-channel scale folds into the producer "
-        "(up_proj of a gated MLP)"))
+    doc="D²Quant's dual-scale quantizer, our earlier reconstruction on a uniform grid (kept to "
+        "compare); its per-input-channel scale folds into the producer (up_proj of a gated MLP)"))
+
+
+# ----------------------------------------------------------------------------- binary-coded DSQ
+def dsq_binary(w: jax.Array, H: jax.Array, spec: QuantSpec, *, cross: jax.Array | None = None,
+               iters: int = 15, gar: bool = True, blocksize: int = 64, damp: float = 0.01,
+               alpha: float = 0.25) -> tuple[QArray, jax.Array, dict]:
+    """DSQ as D²Quant's public code does it: the binary-coded quantizer
+    (:mod:`jaxquant.core.binary_code`) fitted at every group start inside the GPTAQ column loop
+    (GPTQ's when ``cross`` is None), each error-compensated column snapping to its nearest
+    candidate ``c_j · (±r0 ± r1 ...)``.
+
+    ``w`` ``[K, N]`` (Flax layout: ``K`` = the gated MLP's hidden width), ``H`` ``[K, K]``.
+    Returns ``(QArray, c [K], diagnostics)``: the QArray holds the sign planes and the plane scales
+    (``codebook="binary"``); the per-input-channel scale ``c`` is folded by the caller into the
+    producer (up_proj's output channels), so ``W ≈ diag(c) · dequantize(QArray)``."""
+    spec = spec.replace(codebook="binary")
+    check_weight_and_hessian(w, H, spec, name="dsq")
+    if spec.group_size == -1:
+        raise ValueError("dsq fits its planes per group: spec.group_size must be > 0")
+    Q, R, c, diag = gptq_core(
+        w.T, H, cross, spec=spec, blocksize=blocksize, damp=damp, act_order=False,
+        static_groups=False, max_damp_tries=6, gar=gar, alpha=float(alpha), bc_iters=iters)
+    return from_codes(Q.T, R, None, spec, dtype=w.dtype), c, diag
+
+
+def _check_binary(opts: dict, spec) -> None:
+    if opts["iters"] < 0:
+        raise ValueError(f"options.iters must be an integer >= 0, got {opts['iters']!r}")
+    if opts["blocksize"] < 1 or opts["damp"] < 0 or opts["alpha"] < 0:
+        raise ValueError("options.blocksize must be >= 1, damp and alpha >= 0")
+    if spec is not None and (spec.per_tensor or spec.group_size == -1):
+        raise ValueError("spec: dsq fits sign planes per group; it needs group_size > 0")
+
+
+def _quantize_binary(W, stats, spec: QuantSpec, **opts):
+    backend = opts.pop("backend")
+    cross = stats["cross"] if backend == "gptaq" else None
+    qa, c, diag = dsq_binary(W, stats["H"], spec, cross=cross, **opts)
+    return qa, {"producer_scale": c, "diagnostics": diag}
+
+
+register(Algorithm(
+    "dsq", _quantize_binary, needs=frozenset({"H", "cross"}),
+    options={"iters": 15, "backend": "gptaq", "gar": True, "blocksize": 64, "damp": 0.01,
+             "alpha": 0.25},
+    choices={"backend": ("gptaq", "gptq")},
+    check=_check_binary, producer_fold=True, fold_target="gated_mlp",
+    doc="D²Quant's dual-scale quantizer as its public code does it: binary-coded sign planes "
+        "with per-(row, group) plane scales and a per-input-channel scale folded into the "
+        "producer (up_proj of a gated MLP), inside the GPTAQ column loop"))

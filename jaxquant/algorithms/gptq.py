@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.algorithms.registry import Algorithm, register
+from jaxquant.core.binary_code import bc_fit, nearest_code
 from jaxquant.core.qarray import QArray, compute_scale_zero, from_codes
 from jaxquant.core.spec import QuantSpec
 
@@ -96,10 +97,10 @@ def gar_permutation(h_diag: jax.Array, group_size: int) -> jax.Array:
 @functools.partial(
     jax.jit,
     static_argnames=("spec", "blocksize", "damp", "act_order", "static_groups", "max_damp_tries",
-                     "gar", "alpha"),
+                     "gar", "alpha", "bc_iters"),
 )
 def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_groups,
-              max_damp_tries, gar=False, alpha=0.25):
+              max_damp_tries, gar=False, alpha=0.25, bc_iters=15):
     """``W`` ``[N, K]`` (paper layout), ``H`` ``[K, K]``, ``cross`` ``[K, K]`` (GPTAQ's
     ``(X − X̃)X̃ᵀ``; None: GPTQ). Returns codes ``[N, K]``, ``S``/``Z`` ``[G, N]``, and
     diagnostics."""
@@ -117,9 +118,13 @@ def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_grou
     gs = spec.group_size if grouped else k
     n_groups = k // gs if grouped else 1
     static = static_groups or act_order or not grouped
+    binary = spec.codebook == "binary"
+    if binary and (static or not grouped):
+        raise ValueError("the binary codebook is fitted per group at each group start: it needs "
+                         "groups (group_size > 0), dynamic groups and no act_order (use gar)")
 
     # static group parameters from the (dead-zeroed) original weights, [G, N]
-    S_static, Z_static = compute_scale_zero(W.T, spec)
+    S_static, Z_static = compute_scale_zero(W.T, spec.replace(codebook="uniform"))
     if spec.per_tensor:
         S_static = jnp.broadcast_to(S_static, (1, n))
         Z_static = jnp.broadcast_to(Z_static, (1, n))
@@ -162,6 +167,26 @@ def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_grou
         def column(i, cstate):
             W1, Q1, Err1, S, Z, s_cur, z_cur = cstate
             j = i1 + i  # position in the (permuted) order
+            if binary:  # S: plane scales r [G, n, b]; Z: column scales c [kp]
+                def bfit(_):
+                    blk = jax.lax.dynamic_slice(W1, (0, i), (n, gs))
+                    c, r, _ = bc_fit(blk, bits=spec.bits, iters=bc_iters)
+                    return r.astype(sdt).astype(jnp.float32), c
+
+                r, c = jax.lax.cond(i % gs == 0, bfit, lambda _: (s_cur, z_cur), None)
+                g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
+                write = (i % gs == 0) & (j < k)
+                S = jnp.where(write, S.at[g].set(r.astype(sdt)), S)
+                cj = c[i % gs]
+                Z = Z.at[perm_p[j]].set(cj)
+                w = W1[:, i]
+                q, wq = nearest_code(w, jnp.broadcast_to(cj, w.shape), r, spec.bits)
+                q = q.astype(jnp.float32)
+                err = (w - wq) / Hinv1[i, i]
+                upd = err[:, None] * Hinv1[i][None, :]
+                if asym:
+                    upd = upd - w[:, None] * P1[i][None, :]
+                return (W1 - upd, Q1.at[:, i].set(q), Err1.at[:, i].set(err), S, Z, r, c)
             if static:
                 g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
                 s, z = S[g], Z[g]
@@ -193,8 +218,12 @@ def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_grou
             return W1, Q1, Err1, S, Z, s, z
 
         zeros = jnp.zeros((n, B), jnp.float32)
-        s0 = jnp.ones((n,), sdt)
-        z0 = jnp.zeros((n,), jnp.float32)
+        if binary:
+            s0 = jnp.zeros((n, spec.bits), jnp.float32)
+            z0 = jnp.ones((gs,), jnp.float32)
+        else:
+            s0 = jnp.ones((n,), sdt)
+            z0 = jnp.zeros((n,), jnp.float32)
         W1, Q1, Err1, S, Z, _, _ = jax.lax.fori_loop(
             0, B, column, (W1, zeros, zeros, S, Z, s0, z0)
         )
@@ -207,12 +236,18 @@ def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_grou
         return W, Q, S, Z
 
     Q = jnp.zeros((n, kp), jnp.float32)
-    S0 = S_static.astype(sdt)
-    Z0 = Z_static
+    if binary:  # plane scales [G, n, b] and per-column scales [kp] (original column order)
+        S0 = jnp.zeros((n_groups, n, spec.bits), sdt)
+        Z0 = jnp.ones((kp,), jnp.float32)
+    else:
+        S0 = S_static.astype(sdt)
+        Z0 = Z_static
     _, Q, S, Z = jax.lax.fori_loop(0, kp // B, block, (W, Q, S0, Z0))
     Q = Q[:, :k]
     invperm = jnp.argsort(perm)
     Q = Q[:, invperm]
+    if binary:
+        Z = Z[:k]
     if spec.per_tensor:
         S, Z = S[:1, :1], Z[:1, :1]
     return Q, S, Z, {"damp": lam, "dead_inputs": jnp.sum(dead)}

@@ -262,7 +262,7 @@ def check_recipe_against_spec(recipe: Recipe, spec: BlockSpec, num_blocks: int) 
                          if s.producer is not None and s.producer.kind == "norm"]
                 raise ValueError(f"{recipe.source}: dac.norms names {norm!r}, which is not a "
                                  f"norm of this block (its norms: {norms})")
-            if st is spec.stages[0] and recipe.reference == "same_input":
+            if st is spec.stages[0] and recipe.dac["reference"] == "same_input":
                 raise ValueError(
                     f"{recipe.source}: dac at {norm!r} (it feeds the block's first stage) needs "
                     "reference fp_prefix: with the same input, the fp and quantized paths agree "
@@ -576,7 +576,11 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
         ref_state = {spec.stream: X_ref if ref_kind == "fp_prefix" else X}
     reports: list[LayerReport] = []
     dac_norms = set(recipe.dac["norms"]) if recipe.dac else set()
-    for stage in spec.stages:
+    # DAC's teacher when it is not the carried reference: the fp block on this block's input
+    teach = {spec.stream: X} if recipe.dac_teacher else None
+    last_dac = max((i for i, st in enumerate(spec.stages) if st.producer is not None
+                    and st.producer.paths[0] in dac_norms), default=-1)
+    for si, stage in enumerate(spec.stages):
         t0 = time.perf_counter()
         needs, budget = _stage_needs(recipe, b, stage, ref_state is not None)
         n_tok = int(np.prod(state[spec.stream].shape[:-1]))
@@ -585,7 +589,12 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
             dense_params(bp), state, batch, fp if ref_state is not None else None, ref_state,
             fn=stage.fn, input_key=stage.input, bs=bs, needs=needs, n_groups=n_groups,
             stride=stride))
-        br.passes = 2 if ref_state is not None else 1
+        br.passes = (2 if ref_state is not None else 1) + (teach is not None)
+        t_st = None
+        if teach is not None and si <= last_dac:
+            teach, _, t_st = _ready(stage_pass(
+                fp, teach, batch, None, None, fn=stage.fn, input_key=stage.input, bs=bs,
+                needs=frozenset(), n_groups=n_groups, stride=1))
         if not bool(st["finite"]):
             raise FloatingPointError(
                 f"block {b}: NaN/Inf in the calibration activations entering stage "
@@ -595,7 +604,10 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
         t0 = time.perf_counter()
         prod = stage.producer
         if prod is not None and prod.kind == "norm" and prod.paths[0] in dac_norms:
-            mu = S.mean(st, ref=True) - S.mean(st)
+            teacher = S.mean(t_st) if t_st is not None else S.mean(st, ref=True)
+            mu = teacher - S.mean(st)
+            if recipe.dac["clip"] is not None:
+                mu = jnp.clip(mu, -recipe.dac["clip"], recipe.dac["clip"])
             if not bool(jnp.all(jnp.isfinite(mu))):
                 raise FloatingPointError(f"block {b}: the DAC mean shift at {prod.paths[0]} is "
                                          "not finite")

@@ -18,7 +18,9 @@ Shapes: a weight is ``[..., K, N]`` in the Flax layout (``y = x @ W``), ``K`` in
 * ``scale``:  ``[..., G, N]`` (``[..., 1, 1]`` per tensor) in ``spec.scale_dtype``;
 * ``zero``:   ``[..., G, N]`` uint8 for asymmetric specs, ``None`` for symmetric ones;
 
-plus static metadata (the spec, the logical ``K``, the dequantized dtype). Leading axes are not
+plus static metadata (the spec, the logical ``K``, the dequantized dtype). A binary-coded spec
+(``codebook="binary"``) stores ``scale`` ``[..., G, N, bits]`` (one scale per sign plane) and no
+zero: ``Ŵ = Σ_p scale[..., p] (2·bit_p(Q) − 1)``. Leading axes are not
 in the static metadata, so ``jax.vmap`` and ``jax.lax.scan`` over stacked QArrays just work.
 """
 
@@ -238,7 +240,7 @@ def from_codes(
     """
     k = q.shape[-2]
     packed = packing.pack(q.astype(jnp.uint32), spec.bits)
-    zero = None if spec.symmetric else z.astype(jnp.uint8)
+    zero = None if (spec.symmetric or spec.codebook == "binary") else z.astype(jnp.uint8)
     return QArray(packed, s.astype(spec.jnp_scale_dtype), zero, spec, k, jnp.dtype(dtype).name)
 
 
@@ -274,8 +276,25 @@ def dequantize(qa: QArray, *, dtype: Any = None) -> jax.Array:
 def _dequantize_jit(qa: QArray, dtype) -> jax.Array:
     spec = qa.spec
     q = _grouped(qa.codes(), spec)
-    w = dequantize_codes(q, qa.scale, qa.zero_point()).reshape(qa.shape)
+    if spec.codebook == "binary":
+        w = dequantize_binary(q, qa.scale).reshape(qa.shape)
+    else:
+        w = dequantize_codes(q, qa.scale, qa.zero_point()).reshape(qa.shape)
     return w.astype(dtype)
+
+
+def binary_signs(q: jax.Array, bits: int) -> jax.Array:
+    """Sign planes ``[..., bits]`` (float32 ±1) of codes ``q``: plane ``p`` is ``2·bit_p − 1``."""
+    q = q.astype(jnp.int32)
+    return jnp.stack([2.0 * ((q >> p) & 1).astype(jnp.float32) - 1.0 for p in range(bits)],
+                     axis=-1)
+
+
+def dequantize_binary(q: jax.Array, r: jax.Array) -> jax.Array:
+    """``Ŵ = Σ_p r_p B_p`` for grouped codes ``q`` ``[..., G, K/G, N]`` and plane scales ``r``
+    ``[..., G, N, bits]`` (float32)."""
+    B = binary_signs(q, r.shape[-1])  # [..., G, K/G, N, bits]
+    return jnp.sum(B * jnp.expand_dims(r.astype(jnp.float32), -3), axis=-1)
 
 
 def split_columns(qa: QArray, sizes: list[int]) -> list[QArray]:
@@ -288,7 +307,8 @@ def split_columns(qa: QArray, sizes: list[int]) -> list[QArray]:
     out, start = [], 0
     for n in sizes:
         sl = slice(start, start + n)
-        out.append(qa.replace(packed=qa.packed[..., sl], scale=qa.scale[..., sl],
+        ssl = (..., sl, slice(None)) if qa.spec.codebook == "binary" else (..., sl)
+        out.append(qa.replace(packed=qa.packed[..., sl], scale=qa.scale[ssl],
                               zero=None if qa.zero is None else qa.zero[..., sl]))
         start += n
     return out

@@ -23,6 +23,7 @@ import numpy as np
 ScaleMethod = Literal["minmax", "mse"]
 
 _ALLOWED_SCALE_DTYPES = ("float32", "bfloat16", "float16")
+CODEBOOKS = ("uniform", "binary")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,10 @@ class QuantSpec:
       mse_grid: number of grid points of the MSE search.
       mse_norm: the exponent of the MSE search's error (GPTQ uses 2.4).
       per_tensor: one scale for the whole tensor (overrides ``group_size``).
+      codebook: ``"uniform"`` (the affine grid above) or ``"binary"``: a binary-coded quantizer
+        (D²Quant's DSQ as its public code does it) whose ``bits`` code bits are sign planes
+        ``B_p = 2·bit_p − 1`` with one scale per plane, group and output channel,
+        ``Ŵ = Σ_p r_p B_p`` (no zero point; the per-input-channel scale is folded elsewhere).
     """
 
     bits: int = 4
@@ -55,6 +60,7 @@ class QuantSpec:
     mse_grid: int = 100
     mse_norm: float = 2.4
     per_tensor: bool = False
+    codebook: str = "uniform"
 
     def __post_init__(self):
         if not isinstance(self.bits, int | np.integer) or not 2 <= int(self.bits) <= 8:
@@ -83,6 +89,12 @@ class QuantSpec:
                 "clip_ratio=1.0 there is nothing to search. Set clip_ratio < 1 (e.g. 0.8; the "
                 "GPTQ reference's maxshrink=0.8 searches down to 0.2)"
             )
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"QuantSpec.codebook must be one of {CODEBOOKS}, got "
+                             f"{self.codebook!r}")
+        if self.codebook == "binary" and self.per_tensor:
+            raise ValueError("QuantSpec.codebook='binary' keeps plane scales per group and output "
+                             "channel; it cannot be per_tensor")
         if self.mse_grid < 1:
             raise ValueError(f"QuantSpec.mse_grid must be >= 1, got {self.mse_grid!r}")
         if self.mse_norm <= 0:

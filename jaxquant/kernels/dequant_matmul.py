@@ -68,6 +68,9 @@ def check_kernel_qarray(qa: QArray) -> None:
         raise ValueError(f"the kernels implement 2, 3, 4 and 8 bits, not {qa.spec.bits}")
     if qa.spec.per_tensor:
         raise ValueError("the kernels take group-wise or per-channel scales, not per_tensor")
+    if qa.spec.codebook != "uniform":
+        raise ValueError(f"the kernels implement the uniform codebook, not {qa.spec.codebook!r} "
+                         "(a binary-coded DSQ weight runs on the XLA dequantize path)")
     gs = qa.spec.group_size
     if gs != -1 and gs % 32:
         raise ValueError(f"group_size {gs} is not a multiple of 32: a 32-code packing chunk would "

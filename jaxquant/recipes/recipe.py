@@ -33,7 +33,8 @@ _ROTATION_KEYS = {"kind": "block_hadamard", "block": 64, "seed": 0}
 # activations ("fp_prefix") or the fp block on the quantized stream's block input ("same_input")
 REFERENCES = ("fp_prefix", "same_input")
 # D²Quant's deviation-aware correction (a bias in RMSNorms)
-_DAC_KEYS = {"norms": ("post_attention_layernorm",), "reference": "same_input"}
+# clip: |μ| is clipped to this (D²Quant's public code: λ = 1, clipped to ±10); null: no clip
+_DAC_KEYS = {"norms": ("post_attention_layernorm",), "reference": "same_input", "clip": 10.0}
 DAC_REFERENCES = REFERENCES
 _CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0}
 _SPEC_KEYS = {f.name for f in dataclasses.fields(QuantSpec)}
@@ -87,6 +88,13 @@ class Recipe:
         if self.dac_options is None:
             return None
         return {**_DAC_KEYS, **dict(self.dac_options)}
+
+    @property
+    def dac_teacher(self) -> bool:
+        """DAC's teacher is the fp block on the quantized stream's block input while the carried
+        reference is the fp model's stream: one more partial forward, up to the last DAC norm."""
+        d = self.dac
+        return d is not None and d["reference"] == "same_input" and self.reference == "fp_prefix"
 
     @property
     def reference(self) -> str | None:
@@ -225,15 +233,21 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
         if dac["reference"] not in DAC_REFERENCES:
             raise RecipeError(f"{source}: dac.reference must be one of {DAC_REFERENCES}, "
                               f"got {dac['reference']!r}")
+        clip = dac["clip"]
+        if clip is not None and (not isinstance(clip, int | float) or clip <= 0):
+            raise RecipeError(f"{source}: dac.clip must be a positive number or null, got "
+                              f"{clip!r}")
         dac_opts = (("norms", tuple(norms)),
-                    ("reference", dac["reference"]))
+                    ("reference", dac["reference"]),
+                    ("clip", None if clip is None else float(clip)))
     ref = d.get("reference")
     if ref is not None and ref not in REFERENCES:
         raise RecipeError(f"{source}: reference must be one of {REFERENCES} (or absent), got "
                           f"{ref!r}")
-    if ref is not None and dac_opts is not None and dict(dac_opts)["reference"] != ref:
-        raise RecipeError(f"{source}: dac.reference {dict(dac_opts)['reference']!r} differs "
-                          f"from the recipe's reference stream {ref!r}")
+    if (ref == "same_input" and dac_opts is not None
+            and dict(dac_opts)["reference"] == "fp_prefix"):
+        raise RecipeError(f"{source}: dac.reference 'fp_prefix' needs the fp model's stream, but "
+                          "the recipe carries reference 'same_input'")
     rot = _section(d, "rotation", _ROTATION_KEYS, source)
     rot_opts = None
     if rot is not None:

@@ -113,7 +113,7 @@ def test_dsq_fold_preserves_the_function_and_runs_stacked(tiny):
     down_proj's rows. At 8 bits the quantizer is near-exact, so the model must stay the fp model:
     a wrong fold (wrong side, wrong axis, applied twice) would move the logits far away."""
     d, m, tokens = tiny
-    res = calibrate(d, _recipe("dsq", bits=8, gs=32), tokens, progress=False)
+    res = calibrate(d, _recipe("dsq_uniform", bits=8, gs=32), tokens, progress=False)
     fp = jeval.model_logits_fn(m.config, m.params)
     kl = jeval.kl_divergence(fp, jeval.model_logits_fn(m.config, res.params), tokens,
                              progress=False)["kl"]
@@ -131,7 +131,7 @@ def test_d2quant_model_saves_loads_evaluates_generates(tiny, tmp_path):
     from jaxquant.models.common.generate import generate
 
     d, _, tokens = tiny
-    res = calibrate(d, _recipe("dsq", dac={}), tokens, progress=False)
+    res = calibrate(d, _recipe("dsq_uniform", dac={}), tokens, progress=False)
     save_quantized(tmp_path / "q", res.config, res.params, recipe={"name": "d2q_test"})
     _, params, _ = load_quantized(tmp_path / "q")
     bias = params["layers"]["post_attention_layernorm"]["bias"]
@@ -156,7 +156,7 @@ def test_d2quant_model_saves_loads_evaluates_generates(tiny, tmp_path):
 
 def test_fp_prefix_dac_resumes_bit_identically(tiny, tmp_path):
     d, _, tokens = tiny
-    r = _recipe("dsq", dac={"norms": ["input_layernorm", "post_attention_layernorm"],
+    r = _recipe("dsq_uniform", dac={"norms": ["input_layernorm", "post_attention_layernorm"],
                             "reference": "fp_prefix"}, iters=2)
     full = calibrate(d, r, tokens, progress=False)
 
@@ -207,13 +207,13 @@ def test_bad_dsq_options_and_placement(tiny):
     for opts, name in (({"init": "zeros"}, "init"), ({"requant": "awq"}, "requant"),
                        ({"iters": -2}, "iters"), ({"itres": 2}, "itres")):
         with pytest.raises(RecipeError, match=name):
-            load_recipe({"rules": [{"pattern": ALL, "algorithm": "dsq", "spec": {"bits": 2},
+            load_recipe({"rules": [{"pattern": ALL, "algorithm": "dsq_uniform", "spec": {"bits": 2},
                                     "options": opts}]})
     d, _, tokens = tiny
-    bad = load_recipe({"rules": [{"pattern": ALL, "algorithm": "dsq",
+    bad = load_recipe({"rules": [{"pattern": ALL, "algorithm": "dsq_uniform",
                                   "spec": {"bits": 2, "group_size": 32}}],
                        "calibration": {"n_samples": 8, "seqlen": 64}})
-    with pytest.raises(ValueError, match="layers/0/self_attn/q_proj: the dsq algorithm folds .* "
+    with pytest.raises(ValueError, match="layers/0/self_attn/q_proj: the dsq_uniform algorithm folds .* "
                                          "role 'gated_mlp'"):
         calibrate(d, bad, tokens, progress=False)
 
@@ -224,7 +224,7 @@ def test_shipped_d2quant_recipes():
         assert r.dac == {"norms": ("post_attention_layernorm",),
                                       "reference": "same_input"}
         down = r.match("layers/7/mlp/down_proj")
-        assert down.algorithm == "dsq" and down.spec.bits == bits
+        assert down.algorithm == "dsq_uniform" and down.spec.bits == bits
         assert r.match("layers/7/mlp/up_proj").algorithm == "gptq"
 
 

@@ -166,10 +166,10 @@ def test_second_block_kind_bad_inputs():
         calibrate(toy.ToyAdapter(blocks), bad, data, progress=False)
     # DSQ folds into a gated MLP's up-projection: this block has none
     dsq = load_recipe({"name": "d", "rules": [
-        {"pattern": r"layers/\d+/fc2", "algorithm": "dsq", "spec": {"bits": 2, "group_size": 16}},
+        {"pattern": r"layers/\d+/fc2", "algorithm": "dsq_uniform", "spec": {"bits": 2, "group_size": 16}},
         {"pattern": r"layers/\d+/\w+", "algorithm": "gptq", "spec": {"bits": 2, "group_size": 16}}],
         "calibration": {"n_samples": 16, "seqlen": 8}})
-    with pytest.raises(ValueError, match="layers/0/fc2: the dsq algorithm folds"):
+    with pytest.raises(ValueError, match="layers/0/fc2: the dsq_uniform algorithm folds"):
         calibrate(toy.ToyAdapter(blocks), dsq, data, progress=False)
 
 

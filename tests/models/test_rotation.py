@@ -56,7 +56,7 @@ def test_rotation_refuses_what_it_cannot_fuse(tmp_path):
     ad = adapter_for(tmp_path)
     bp = ad.read_block(0)
     bp["post_attention_layernorm"]["bias"] = np.zeros_like(bp["post_attention_layernorm"]["scale"])
-    with pytest.raises(ValueError, match="norm 'post_attention_layernorm' has a bias"):
+    with pytest.raises(ValueError, match=r"norm 'post_attention_layernorm' has a bias"):
         rotate_block(ad.spec, bp, np.eye(64))
     with pytest.raises(ValueError, match="rotation.kind"):
         RotationSpec("givens")
