@@ -27,7 +27,7 @@ def calibrate(model, recipe, tokens, **kw):
     return engine_calibrate(adapter_for(model), recipe, tokens, **kw)
 
 
-def _recipe(down="gptq", dac=None, bits=2, gs=32, **dsq_opts):
+def _recipe(down="gptq", dac=None, bits=2, gs=32, reference=None, **dsq_opts):
     rules = [{"pattern": r"layers/\d+/mlp/down_proj", "algorithm": down,
               "spec": {"bits": bits, "group_size": gs}},
              {"pattern": ALL, "algorithm": "gptq", "spec": {"bits": bits, "group_size": gs}}]
@@ -37,6 +37,8 @@ def _recipe(down="gptq", dac=None, bits=2, gs=32, **dsq_opts):
          "calibration": {"n_samples": 8, "seqlen": 64, "batch_size": 4}}
     if dac is not None:
         d["dac"] = dac
+    if reference is not None:
+        d["reference"] = reference
     return load_recipe(d)
 
 
@@ -72,13 +74,19 @@ def _mean_tokens(a):
     return a.reshape(-1, a.shape[-1]).mean(0)
 
 
-@pytest.mark.parametrize("reference", ["same_input", "fp_prefix"])
+@pytest.mark.parametrize("reference", ["same_input", "fp_prefix", "teacher"])
 def test_dac_bias_is_the_measured_mean_shift(tiny, reference):
+    """``teacher``: the recipe carries the fp model's stream (for GPTAQ) while DAC's teacher is
+    the fp block on the quantized input (D²Quant's public code): one more partial pass."""
     d, m, tokens = tiny
-    norms = (["post_attention_layernorm"] if reference == "same_input"
-             else ["input_layernorm", "post_attention_layernorm"])
-    res = calibrate(d, _recipe(dac={"norms": norms, "reference": reference}), tokens,
-                    progress=False)
+    norms = (["input_layernorm", "post_attention_layernorm"] if reference == "fp_prefix"
+             else ["post_attention_layernorm"])
+    if reference == "teacher":
+        rec = _recipe(dac={"norms": norms, "reference": "same_input"}, reference="fp_prefix")
+        reference = "same_input"  # the oracle: fp attention on the same (quantized) input
+    else:
+        rec = _recipe(dac={"norms": norms, "reference": reference})
+    res = calibrate(d, rec, tokens, progress=False)
     cfg = m.config
     eps = cfg.rms_norm_eps
     for b in range(cfg.num_layers):
@@ -213,19 +221,25 @@ def test_bad_dsq_options_and_placement(tiny):
     bad = load_recipe({"rules": [{"pattern": ALL, "algorithm": "dsq_uniform",
                                   "spec": {"bits": 2, "group_size": 32}}],
                        "calibration": {"n_samples": 8, "seqlen": 64}})
-    with pytest.raises(ValueError, match="layers/0/self_attn/q_proj: the dsq_uniform algorithm folds .* "
-                                         "role 'gated_mlp'"):
+    with pytest.raises(ValueError, match="layers/0/self_attn/q_proj: the dsq_uniform algorithm "
+                                         "folds .* role 'gated_mlp'"):
         calibrate(d, bad, tokens, progress=False)
 
 
 def test_shipped_d2quant_recipes():
     for bits in (2, 3):
-        r = load_recipe(f"d2quant_w{bits}_g64")
-        assert r.dac == {"norms": ("post_attention_layernorm",),
-                                      "reference": "same_input"}
+        r = load_recipe(f"d2quant_w{bits}_g64")  # the public code's defaults (methods.md §1.9)
+        assert r.dac == {"norms": ("post_attention_layernorm",), "reference": "same_input",
+                         "clip": 10.0}
+        assert r.reference == "fp_prefix" and r.dac_teacher
+        assert r.rotation == {"kind": "block_hadamard", "block": 64, "seed": 0}
         down = r.match("layers/7/mlp/down_proj")
-        assert down.algorithm == "dsq_uniform" and down.spec.bits == bits
-        assert r.match("layers/7/mlp/up_proj").algorithm == "gptq"
+        assert down.algorithm == "dsq" and down.spec.bits == bits
+        assert down.opts["iters"] == 15 and down.opts["backend"] == "gptaq"
+        up = r.match("layers/7/mlp/up_proj")
+        assert up.algorithm == "gptaq" and up.opts["gar"]
+        u = load_recipe(f"d2quant_uniform_w{bits}_g64")  # our earlier reconstruction, kept
+        assert u.match("layers/7/mlp/down_proj").algorithm == "dsq_uniform"
 
 
 def test_block_halves_compose_to_the_block(tiny):
