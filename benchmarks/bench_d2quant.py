@@ -1,16 +1,18 @@
-"""D²Quant on SmolLM2-135M (protocol: ../shared/docs/protocol.md): GPTQ, GPTQ+DSQ, GPTQ+DAC,
-D²Quant (both) and AWQ at W2g64 and W3g64. PPL on the 64x512 quick-eval windows, KL(fp || q) on
-the same windows (one fused pass), calibration wall seconds and peak RSS. Each scheme runs in its
-own process, one after another.
+"""D²Quant on SmolLM2-135M (protocol: ../shared/docs/protocol.md) against the paper's baselines
+with the observers of its public code, at W2g64 and W3g64: PPL on the 64x512 quick-eval windows,
+KL(fp || q) on the same windows, PPL on held-out validation windows, calibration wall seconds and
+peak RSS. Each scheme runs in its own process, one after another.
 
     JAXQUANT_DATA=../shared/data .venv/bin/python benchmarks/bench_d2quant.py \\
-        --bits 3,2 --variants gptq,dsq,dac,d2quant,awq
+        --bits 3,2 --variants d2quant,gptaq_rot --seeds 0
 
-The ablations are derived from the shipped recipe ``d2quant_w{b}_g64`` by switching one component
-off, so every other choice (act-order, damp, block order attention -> MLP) is identical:
-``gptq`` = DSQ -> GPTQ on down_proj and no DAC; ``dsq`` = no DAC; ``dac`` = GPTQ on down_proj.
-``awq`` is the shipped ``awq_w{b}_g64``. Writes ``benchmarks/results/d2quant_<date>.json`` and a
-plot ``benchmarks/results/d2quant.png``, and prints a Markdown table.
+Variants (``VARIANTS``): the shipped ``d2quant_w{b}_g64`` (rotation + GPTAQ + GAR + binary DSQ +
+DAC, methods.md §1.9) and its baselines ``d2q_{gptq,gptq_rot,gptaq,gptaq_rot}_w{b}_g64`` (GPTQ,
+GPTQ†, GPTAQ, GPTAQ†), ``awq`` and today's ``gptq_w{b}_g64`` (act-order + MSE scales); ablations
+switch one component of ``d2quant`` off (``no_dsq``, ``no_dac``, ``no_rot``, ``no_gar``) or use
+our earlier uniform-grid DSQ (``uniform_dsq``). ``--seeds`` are calibration draws (protocol rule;
+seed 0 is the shipped file). Writes ``benchmarks/results/d2quant_<date>.json`` and
+``benchmarks/results/d2quant.png``, and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -27,32 +29,43 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = {"gptq": "GPTQ", "dsq": "GPTQ+DSQ", "dac": "GPTQ+DAC", "d2quant": "D²Quant",
-            "awq": "AWQ", "gptq_block": "GPTQ (block)", "dacfp": "GPTQ+DAC (fp_prefix)",
-            "d2quantfp": "D²Quant (DAC fp_prefix)"}
+VARIANTS = {"d2quant": "D²Quant", "gptq": "GPTQ", "gptq_rot": "GPTQ†", "gptaq": "GPTAQ",
+            "gptaq_rot": "GPTAQ†", "awq": "AWQ", "mse_gptq": "GPTQ (act-order, MSE; shipped)",
+            "no_dsq": "D²Quant − DSQ", "no_dac": "D²Quant − DAC", "no_rot": "D²Quant − rotation",
+            "no_gar": "D²Quant − GAR", "uniform_dsq": "D²Quant, uniform DSQ"}
+BASE = {"gptq": "d2q_gptq", "gptq_rot": "d2q_gptq_rot", "gptaq": "d2q_gptaq",
+        "gptaq_rot": "d2q_gptaq_rot", "awq": "awq", "mse_gptq": "gptq"}
 
 
 def variant_recipe(variant: str, bits: int) -> dict:
     from jaxquant.recipes import load_recipe
 
-    if variant in ("awq", "gptq_block"):
-        return load_recipe(f"{variant.split('_')[0]}_w{bits}_g64").to_dict()
+    if variant in BASE:
+        return load_recipe(f"{BASE[variant]}_w{bits}_g64").to_dict()
     d = load_recipe(f"d2quant_w{bits}_g64").to_dict()
-    if variant.endswith("fp"):
-        variant = variant[:-2]
-        d["dac"] = {**d["dac"], "reference": "fp_prefix"}
     d["name"] = f"{variant}_w{bits}_g64"
-    if variant in ("gptq", "dsq"):
+    down, rest = d["rules"]
+    if variant == "no_dsq":
+        d["rules"] = [rest]
+    elif variant == "no_dac":
         d["dac"] = None
-    if variant in ("gptq", "dac"):
-        gptq_rule = next(r for r in d["rules"] if r["algorithm"] == "gptq")
-        d["rules"] = [gptq_rule]
-    if d["dac"] is None:
-        del d["dac"]
+    elif variant == "no_rot":
+        d.pop("rotation")
+    elif variant == "no_gar":
+        for r in d["rules"]:
+            r["options"]["gar"] = False
+    elif variant == "uniform_dsq":
+        d["rules"] = [{"pattern": down["pattern"], "algorithm": "dsq_uniform",
+                       "spec": {"bits": bits, "group_size": 64, "symmetric": False},
+                       "options": {"act_order": False}}, rest]
+    elif variant != "d2quant":
+        raise SystemExit(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+    if d.get("dac") is None:
+        d.pop("dac", None)
     return d
 
 
-def run_one(variant: str, bits: int, windows: int) -> dict:
+def run_one(variant: str, bits: int, windows: int, calib_path: str | None = None) -> dict:
     from jaxquant import data as jdata
     from jaxquant import eval as jeval
     from jaxquant import models
@@ -65,7 +78,7 @@ def run_one(variant: str, bits: int, windows: int) -> dict:
     if d is None:
         raise SystemExit("set $JAXQUANT_DATA to the protocol data directory")
     path = resolve_model_path("smollm2-135m")
-    calib = np.load(os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
+    calib = np.load(calib_path or os.path.join(d, "smollm2_wikitext2_valid_calib_32x512.npy"))
     recipe = load_recipe(variant_recipe(variant, bits))
     t0 = time.perf_counter()
     res = calibrate(adapter_for(path), recipe, calib, progress=False)
@@ -107,6 +120,7 @@ def plot(rows: list[dict], path: str) -> None:
                                (axes[2 * j + 1], "kl", "KL(fp || q), nats/token")):
             ax.bar(names, [r[key] for r in rs],
                    color=["#d62728" if r["variant"] == "d2quant" else "#7f7f7f" for r in rs])
+            ax.set_xticks(range(len(names)), names, fontsize=7)
             ax.set_title(f"SmolLM2-135M W{b}g64: {label}")
             ax.tick_params(axis="x", rotation=30)
             if key == "ppl":
@@ -118,13 +132,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| scheme | method | PPL | KL(fp‖q) | held-out valid PPL | calib s | peak RSS MiB | "
+    out = ["| scheme | method | seed | PPL | KL(fp‖q) | held-out valid PPL | calib s | "
+           "peak RSS MiB | "
            "down_proj rel err (mean) | post-attn mean shift ‖μ‖/rms (mean) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         me = r["mean_rel_error"]
         shift = me.get("post_attention_layernorm")
-        out.append(f"| W{r['bits']}g64 | {VARIANTS[r['variant']]} | {r['ppl']:,.2f} | "
+        out.append(f"| W{r['bits']}g64 | {VARIANTS[r['variant']]} | {r.get('seed', 0)} | "
+                   f"{r['ppl']:,.2f} | "
                    f"{r['kl']:.4f} | {r.get('ppl_heldout_valid', float('nan')):,.2f} | "
                    f"{r['calib_seconds']:.0f} | {r['peak_rss_mib']:.0f} | "
                    f"{me.get('mlp/down_proj', float('nan')):.4f} | "
@@ -137,26 +153,32 @@ def main() -> None:
     ap.add_argument("--bits", default="3,2")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--seeds", default="0", help="calibration draws (protocol rule)")
+    ap.add_argument("--calib", default=None, help="(with --one) .npy of calibration windows")
     ap.add_argument("--one", action="store_true", help="run a single variant in this process")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.variants, int(args.bits), args.windows)))
+        print(json.dumps(run_one(args.variants, int(args.bits), args.windows, args.calib)))
         return
+    from bench_like_for_like import calib_files
+
+    seeds = [int(x) for x in args.seeds.split(",")]
+    files = calib_files(sorted(set(seeds)))
     rows = []
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(HERE, "results", f"d2quant_{date}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     for b in [int(x) for x in args.bits.split(",")]:
-        for v in args.variants.split(","):
+        for v, seed in [(v, s) for v in args.variants.split(",") for s in seeds]:
             cmd = [sys.executable, __file__, "--one", "--bits", str(b), "--variants", v,
-                   "--windows", str(args.windows)]
-            print(f"# {VARIANTS[v]} W{b}g64 ...", file=sys.stderr, flush=True)
+                   "--windows", str(args.windows), "--calib", files[seed]]
+            print(f"# {VARIANTS[v]} W{b}g64 seed {seed} ...", file=sys.stderr, flush=True)
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode:
                 print(p.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{v} W{b} failed")
-            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            rows.append(json.loads(p.stdout.strip().splitlines()[-1]) | {"seed": seed})
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
             with open(out, "w") as f:  # partial results survive an interruption
                 json.dump({"date": date, "rows": rows}, f, indent=1)
