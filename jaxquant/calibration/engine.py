@@ -230,6 +230,28 @@ def finish_pass(params, state, batch, *, fn, bs, stream):
     return _unchunk(out)
 
 
+@functools.partial(jax.jit, static_argnames=("fns", "bs", "stream"))
+def block_pass(params, state, batch, *, fns, bs, stream):
+    """The whole block (its stage functions, then ``finish``) over every sample."""
+    def one(c):
+        s, bt = c
+        for fn in fns:
+            s = fn(params, s, bt)
+        return s[stream]
+    return _unchunk(jax.lax.map(one, (_chunk(state, bs), _chunk(batch, bs))))
+
+
+def _teacher_params(spec: BlockSpec, q_bp: dict, fp_bp: dict, dac_norms: set) -> dict:
+    """The quantized block up to its last DAC norm (its attention and DAC bias), fp after it."""
+    last = max(i for i, st in enumerate(spec.stages)
+               if st.producer is not None and st.producer.paths[0] in dac_norms)
+    out = q_bp
+    for st in spec.stages[last:]:
+        for lin in st.linears:
+            out = set_path(out, lin, get_path(fp_bp, lin))
+    return out
+
+
 # ---------------------------------------------------------------------------- checks
 def check_recipe_against_spec(recipe: Recipe, spec: BlockSpec, num_blocks: int) -> tuple:
     """Refuse rules that name no linear of the family and algorithms placed where they cannot
@@ -451,7 +473,13 @@ def calibrate(
     reports: list[LayerReport] = []
     block_reports: list[BlockReport] = []
     start = 0
-    X = X_ref = None
+    X = X_ref = X_t = None
+    final_dac = bool(recipe.dac and recipe.dac["final"])
+    if final_dac:
+        for attr in ("final_norm", "add_final_norm_bias"):
+            if not hasattr(model, attr):
+                raise ValueError(f"dac.final: the {type(model).__name__} model adapter has no "
+                                 f"{attr!r} (the model's last norm)")
     prog_dir = state_path = None
     if out_dir is not None:
         out_dir = os.path.abspath(os.fspath(out_dir))
@@ -477,6 +505,9 @@ def calibrate(
             if ref_kind == "fp_prefix":
                 X_ref = jnp.asarray(np.load(os.path.join(prog_dir, "acts_ref.npy"),
                                             allow_pickle=False))
+            if final_dac:
+                X_t = jnp.asarray(np.load(os.path.join(prog_dir, "acts_teacher.npy"),
+                                          allow_pickle=False))
             reports = [LayerReport(**r) for r in saved["report"]]
             block_reports = [BlockReport(**r) for r in saved.get("blocks", [])]
             log.info("resuming at block %d of %d", start, model.num_blocks)
@@ -502,6 +533,8 @@ def calibrate(
             X = jax.device_put(X, NamedSharding(mesh, PartitionSpec(data_axis)))
         if ref_kind == "fp_prefix" and X_ref is None:
             X_ref = jnp.array(X, copy=True)
+        if final_dac and X_t is None:
+            X_t = jnp.array(X, copy=True)
     n_groups = int(np.max(batch["group"])) + 1 if data and "group" in batch else 0
 
     bar = tqdm(range(start, model.num_blocks), desc="calibrate", unit="block",
@@ -517,8 +550,18 @@ def calibrate(
             bp, _, rep = _quantize_data_free(recipe, b, spec, bp)
             br.algorithm = time.perf_counter() - t0
         else:
+            fp_bp = bp
             bp, X, X_ref, rep = _calibrate_block(recipe, b, spec, bp, X, X_ref, jbatch, bs,
                                                  n_groups, ref_kind, br)
+            if final_dac:  # the final DAC's teacher: quantized attention + DAC, fp MLP
+                t0 = time.perf_counter()
+                X_t = _ready(block_pass(
+                    dense_params(_teacher_params(spec, bp, fp_bp, set(recipe.dac["norms"]))),
+                    {spec.stream: X_t}, jbatch, fns=(*(st.fn for st in spec.stages),
+                                                     spec.finish), bs=bs, stream=spec.stream))
+                br.passes += 1
+                br.propagation += time.perf_counter() - t0
+            del fp_bp
         blocks.append(bp)
         reports.extend(rep)
         t0 = time.perf_counter()
@@ -528,6 +571,8 @@ def calibrate(
                 _save_array(prog_dir, "acts", X)
             if ref_kind == "fp_prefix":
                 _save_array(prog_dir, "acts_ref", X_ref)
+            if final_dac:
+                _save_array(prog_dir, "acts_teacher", X_t)
         br.checkpoint = time.perf_counter() - t0
         block_reports.append(br)
         if prog_dir is not None:
@@ -541,9 +586,22 @@ def calibrate(
         bar.set_postfix(rel_err=f"{np.mean(errs):.4f}" if errs else "-")
         del bp
 
-    del X, X_ref
+    final_mu = None
+    if final_dac:  # the mean shift at the model's last norm, as at every post-attention norm
+        mu = (jnp.mean(model.final_norm(X_t).reshape(-1, X.shape[-1]), axis=0)
+              - jnp.mean(model.final_norm(X).reshape(-1, X.shape[-1]), axis=0))
+        if recipe.dac["clip"] is not None:
+            mu = jnp.clip(mu, -recipe.dac["clip"], recipe.dac["clip"])
+        if not bool(jnp.all(jnp.isfinite(mu))):
+            raise FloatingPointError("the final DAC mean shift is not finite")
+        final_mu = mu
+        reports.append(LayerReport("final_norm", "dac", None,
+                                   float(jnp.sqrt(jnp.mean(mu * mu))), 0.0))
+    del X, X_ref, X_t
     params = model.assemble(blocks)
     del blocks
+    if final_mu is not None:
+        params = model.add_final_norm_bias(params, final_mu)
     return CalibrationResult(getattr(model, "config", None), params, reports,
                              time.perf_counter() - t_start, unmatched, unused, start,
                              block_reports)

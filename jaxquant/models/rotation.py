@@ -143,6 +143,13 @@ class RotatedAdapter:
     def assemble(self, blocks: list):
         return self.inner.rotate_top(self.inner.assemble(blocks), self.Q)
 
+    def final_norm(self, x):
+        """The rotated model's last norm: its gain is fused into the head (1 here)."""
+        return self.inner.final_norm(x, gain=jnp.ones((x.shape[-1],), jnp.float32))
+
+    def add_final_norm_bias(self, params: dict, mu) -> dict:
+        return self.inner.add_final_norm_bias(params, mu)
+
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.inner.fingerprint().encode())
         h.update(repr(self.rot).encode())

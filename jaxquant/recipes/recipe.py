@@ -34,7 +34,10 @@ _ROTATION_KEYS = {"kind": "block_hadamard", "block": 64, "seed": 0}
 REFERENCES = ("fp_prefix", "same_input")
 # D²Quant's deviation-aware correction (a bias in RMSNorms)
 # clip: |μ| is clipped to this (D²Quant's public code: λ = 1, clipped to ±10); null: no clip
-_DAC_KEYS = {"norms": ("post_attention_layernorm",), "reference": "same_input", "clip": 10.0}
+# final: also correct the model's last norm, the teacher a stream with the quantized attention
+# (and its DAC) but fp MLPs, carried through every block (D²Quant's public code)
+_DAC_KEYS = {"norms": ("post_attention_layernorm",), "reference": "same_input", "clip": 10.0,
+             "final": False}
 DAC_REFERENCES = REFERENCES
 _CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0}
 _SPEC_KEYS = {f.name for f in dataclasses.fields(QuantSpec)}
@@ -237,9 +240,12 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
         if clip is not None and (not isinstance(clip, int | float) or clip <= 0):
             raise RecipeError(f"{source}: dac.clip must be a positive number or null, got "
                               f"{clip!r}")
+        if not isinstance(dac["final"], bool):
+            raise RecipeError(f"{source}: dac.final must be true or false, got {dac['final']!r}")
         dac_opts = (("norms", tuple(norms)),
                     ("reference", dac["reference"]),
-                    ("clip", None if clip is None else float(clip)))
+                    ("clip", None if clip is None else float(clip)),
+                    ("final", dac["final"]))
     ref = d.get("reference")
     if ref is not None and ref not in REFERENCES:
         raise RecipeError(f"{source}: reference must be one of {REFERENCES} (or absent), got "

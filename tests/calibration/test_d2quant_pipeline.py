@@ -184,6 +184,30 @@ def test_fp_prefix_dac_resumes_bit_identically(tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_final_dac_is_the_mean_shift_of_its_teacher_stream(tiny):
+    """dac.final: the last norm's bias is the mean over all calibration tokens of (teacher −
+    quantized) at its output, the teacher being the stream through the quantized attention (with
+    its DAC) and the fp MLPs, recomputed here from the model's own block halves."""
+    from jaxquant.models.common.decoder import attn_half, mlp_half
+
+    d, m, tokens = tiny
+    res = calibrate(d, _recipe(dac={"final": True}), tokens, progress=False)
+    cfg = m.config
+    xq, pos = _inputs(cfg, res.params, tokens, cfg.num_layers)
+    t = embed(m.params, jnp.asarray(tokens))
+    for b in range(cfg.num_layers):
+        qb, fb = _block(res.params, b), _block(m.params, b)
+        r = attn_half(cfg, qb, t, pos)
+        t = mlp_half(cfg, {"post_attention_layernorm": qb["post_attention_layernorm"],
+                           "mlp": fb["mlp"]}, r)
+    g = m.params["norm"]["scale"]
+    mu = _mean_tokens(_np_rms(t, g, cfg.rms_norm_eps) - _np_rms(xq, g, cfg.rms_norm_eps))
+    bias = np.asarray(res.params["norm"]["bias"], np.float64)
+    assert np.abs(mu).max() > 1e-4
+    np.testing.assert_allclose(bias, mu, atol=1e-5 + 1e-3 * np.abs(mu).max())
+    np.testing.assert_array_equal(np.asarray(res.params["norm"]["scale"]), np.asarray(g))
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
@@ -230,7 +254,7 @@ def test_shipped_d2quant_recipes():
     for bits in (2, 3):
         r = load_recipe(f"d2quant_w{bits}_g64")  # the public code's defaults (methods.md §1.9)
         assert r.dac == {"norms": ("post_attention_layernorm",), "reference": "same_input",
-                         "clip": 10.0}
+                         "clip": 10.0, "final": True}
         assert r.reference == "fp_prefix" and r.dac_teacher
         assert r.rotation == {"kind": "block_hadamard", "block": 64, "seed": 0}
         down = r.match("layers/7/mlp/down_proj")

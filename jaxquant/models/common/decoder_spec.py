@@ -157,6 +157,19 @@ class _DecoderAdapter:
     def make_batch(self, calib, *, n_samples: int, seqlen: int) -> dict:
         return decoder_batch(self.config, calib, n_samples=n_samples, seqlen=seqlen)
 
+    # the model's last norm (D²Quant's final DAC)
+    def final_norm(self, x, *, gain=None):
+        """The last RMSNorm's output for the stream ``x`` ``[..., D]`` (its gain: the model's, or
+        ``gain``), float32."""
+        g = self._final_norm_gain() if gain is None else gain
+        return RMSNorm(self.config.rms_norm_eps).apply(
+            {"params": {"scale": jnp.asarray(g, jnp.float32)}}, x.astype(jnp.float32))
+
+    def add_final_norm_bias(self, params: dict, mu) -> dict:
+        norm = dict(params["norm"])
+        norm["bias"] = jnp.asarray(norm.get("bias", 0.0), jnp.float32) + jnp.asarray(mu)
+        return {**params, "norm": norm}
+
     # residual rotation (jaxquant.models.rotation)
     @property
     def stream_dim(self) -> int:
@@ -203,6 +216,9 @@ class DecoderSourceAdapter(_DecoderAdapter):
     def read_block(self, b: int) -> dict:
         return block_params_from_source(self.config, self.src, b, np.float32)
 
+    def _final_norm_gain(self):
+        return read_tensor(self.src, _NORM, (self.config.hidden_size,), np.float32)
+
     def first_input(self, batch: dict):
         table = read_tensor(self.src, _EMBED, self._top_tensors()[_EMBED], np.float32)
         return embed({"embed_tokens": {"embedding": jnp.asarray(table)}},
@@ -240,6 +256,9 @@ class DecoderParamsAdapter(_DecoderAdapter):
 
     def read_block(self, b: int) -> dict:
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), layer_params(self.params, b))
+
+    def _final_norm_gain(self):
+        return self.params["norm"]["scale"]
 
     def first_input(self, batch: dict):
         return embed(self.params, jnp.asarray(batch["tokens"]))
