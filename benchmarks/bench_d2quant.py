@@ -96,7 +96,7 @@ def run_one(variant: str, bits: int, windows: int, calib_path: str | None = None
                          progress=False)
     layers = {}
     for rep in res.report:
-        kind = rep.layer.split("/", 2)[2]
+        kind = rep.layer.split("/", 2)[-1]  # "layers/<b>/<linear>" or "final_norm"
         layers.setdefault(kind, []).append(rep.rel_error)
     return {"variant": variant, "bits": bits, "group": 64, "calib_seconds": round(secs, 1),
             "peak_rss_mib": round(rss, 1), "ppl": r["ppl"], "kl": r["kl"],

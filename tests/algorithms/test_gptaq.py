@@ -140,7 +140,7 @@ def test_gar_permutation_round_trips_and_keeps_groups():
 
 
 def test_gptaq_bad_options_and_recipe_without_reference():
-    with pytest.raises(registry.OptionError, match="gar and options.act_order"):
+    with pytest.raises(registry.OptionError, match=r"gar and options\.act_order"):
         registry.get("gptaq").resolve({"gar": True, "act_order": True}, SPEC3)
     with pytest.raises(registry.OptionError, match="alpha"):
         registry.get("gptaq").resolve({"alpha": -1.0}, SPEC3)

@@ -289,7 +289,7 @@ def test_faithful_d2quant_saves_reloads_generates_and_falls_back_to_xla(tiny, tm
     from jaxquant.kernels.dispatch import kernel_mode
     from jaxquant.models.common.generate import generate
 
-    d, m, tokens = tiny
+    d, _, tokens = tiny
     rec = load_recipe("d2quant_w3_g64").to_dict()
     rec["rules"] = [dict(r, spec=dict(r["spec"], group_size=32)) for r in rec["rules"]]
     rec["rotation"] = dict(rec["rotation"], block=32)

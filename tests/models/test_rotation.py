@@ -58,7 +58,7 @@ def test_rotation_refuses_what_it_cannot_fuse(tmp_path):
     bp["post_attention_layernorm"]["bias"] = np.zeros_like(bp["post_attention_layernorm"]["scale"])
     with pytest.raises(ValueError, match=r"norm 'post_attention_layernorm' has a bias"):
         rotate_block(ad.spec, bp, np.eye(64))
-    with pytest.raises(ValueError, match="rotation.kind"):
+    with pytest.raises(ValueError, match=r"rotation\.kind"):
         RotationSpec("givens")
     with pytest.raises(ValueError, match="block 48 must divide the order 64"):
         RotatedAdapter(ad, RotationSpec("block_hadamard", 48))
@@ -77,7 +77,7 @@ def test_recipe_rotation_through_the_engine_keeps_the_fp_function(tmp_path):
                        "rotation": {"kind": "block_hadamard", "block": 32, "seed": 3}})
     q = jq.quantize_model(tmp_path / "m", rec, None, progress=False)
     np.testing.assert_allclose(np.asarray(q(TOKENS)), want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(RecipeError, match="rotation.kind"):
+    with pytest.raises(RecipeError, match=r"rotation\.kind"):
         load_recipe({"rules": [{"pattern": ".*", "algorithm": "none"}],
                      "rotation": {"kind": "givens"}})
     with pytest.raises(RecipeError, match="rotation: unknown"):
