@@ -167,47 +167,41 @@ def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_grou
         def column(i, cstate):
             W1, Q1, Err1, S, Z, s_cur, z_cur = cstate
             j = i1 + i  # position in the (permuted) order
+            w = W1[:, i]
             if binary:  # S: plane scales r [G, n, b]; Z: column scales c [kp]
                 def bfit(_):
                     blk = jax.lax.dynamic_slice(W1, (0, i), (n, gs))
                     c, r, _ = bc_fit(blk, bits=spec.bits, iters=bc_iters)
                     return r.astype(sdt).astype(jnp.float32), c
 
-                r, c = jax.lax.cond(i % gs == 0, bfit, lambda _: (s_cur, z_cur), None)
-                g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
-                write = (i % gs == 0) & (j < k)
-                S = jnp.where(write, S.at[g].set(r.astype(sdt)), S)
-                cj = c[i % gs]
-                Z = Z.at[perm_p[j]].set(cj)
-                w = W1[:, i]
-                q, wq = nearest_code(w, jnp.broadcast_to(cj, w.shape), r, spec.bits)
-                q = q.astype(jnp.float32)
-                err = (w - wq) / Hinv1[i, i]
-                upd = err[:, None] * Hinv1[i][None, :]
-                if asym:
-                    upd = upd - w[:, None] * P1[i][None, :]
-                return (W1 - upd, Q1.at[:, i].set(q), Err1.at[:, i].set(err), S, Z, r, c)
-            if static:
-                g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
-                s, z = S[g], Z[g]
-            else:
-                def fit(_):
-                    blk = jax.lax.dynamic_slice(W1, (0, i), (n, gs))
-                    s_new, z_new = compute_scale_zero(blk.T, spec.replace(group_size=-1))
-                    return s_new[0], z_new[0]
-
-                s, z = jax.lax.cond(i % gs == 0, fit, lambda _: (s_cur, z_cur), None)
-                # the group of the original layout (GAR permutes whole groups)
+                s, z = jax.lax.cond(i % gs == 0, bfit, lambda _: (s_cur, z_cur), None)
                 g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
                 write = (i % gs == 0) & (j < k)
                 S = jnp.where(write, S.at[g].set(s.astype(sdt)), S)
-                Z = jnp.where(write, Z.at[g].set(z), Z)
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            s32 = s.astype(jnp.float32)
-            q = jnp.clip(jnp.round(w / s32) + z, 0.0, maxq)
-            wq = s32 * (q - z)
-            err = (w - wq) / d
+                cj = z[i % gs]
+                Z = Z.at[perm_p[j]].set(cj)
+                q, wq = nearest_code(w, jnp.broadcast_to(cj, w.shape), s, spec.bits)
+                q = q.astype(jnp.float32)
+            else:
+                if static:
+                    g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
+                    s, z = S[g], Z[g]
+                else:
+                    def fit(_):
+                        blk = jax.lax.dynamic_slice(W1, (0, i), (n, gs))
+                        s_new, z_new = compute_scale_zero(blk.T, spec.replace(group_size=-1))
+                        return s_new[0], z_new[0]
+
+                    s, z = jax.lax.cond(i % gs == 0, fit, lambda _: (s_cur, z_cur), None)
+                    # the group of the original layout (GAR permutes whole groups)
+                    g = jnp.minimum(perm_p[j] // gs, n_groups - 1)
+                    write = (i % gs == 0) & (j < k)
+                    S = jnp.where(write, S.at[g].set(s.astype(sdt)), S)
+                    Z = jnp.where(write, Z.at[g].set(z), Z)
+                s32 = s.astype(jnp.float32)
+                q = jnp.clip(jnp.round(w / s32) + z, 0.0, maxq)
+                wq = s32 * (q - z)
+            err = (w - wq) / Hinv1[i, i]
             # Hinv1 is upper triangular: row i touches only columns >= i
             upd = err[:, None] * Hinv1[i][None, :]
             if asym:  # GPTAQ's asymmetric term, with the column before quantization
