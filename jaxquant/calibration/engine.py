@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 from jaxquant.algorithms import registry
 from jaxquant.calibration import stats as S
 from jaxquant.core.qarray import QArray, dequantize, split_columns
-from jaxquant.models.blockspec import BlockSpec, ModelAdapter, Producer, Stage
+from jaxquant.models.blockspec import (
+    BlockSpec,
+    ModelAdapter,
+    Producer,
+    Stage,
+    get_path,
+    set_path,
+)
 from jaxquant.models.quantized import load_tree, save_tree
 from jaxquant.models.rotation import RotatedAdapter, RotationSpec
 from jaxquant.recipes.recipe import KEEP_FP, Recipe
@@ -88,21 +95,6 @@ class CalibrationResult:
     unused_rules: list[str]
     resumed_from: int = 0
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------- tree helpers
-def get_path(tree: dict, path: str):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
-
-
-def set_path(tree: dict, path: str, value) -> dict:
-    """Functional update of a nested dict at ``a/b/c``."""
-    k, _, rest = path.partition("/")
-    out = dict(tree)
-    out[k] = set_path(tree[k], rest, value) if rest else value
-    return out
 
 
 def _last(c, x):

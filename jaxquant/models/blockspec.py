@@ -99,6 +99,21 @@ class BlockSpec:
         return None
 
 
+def get_path(tree: dict, path: str):
+    """The entry of a nested dict at a block path ``a/b/c``."""
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict, path: str, value) -> dict:
+    """Functional update of a nested dict at ``a/b/c``."""
+    k, _, rest = path.partition("/")
+    out = dict(tree)
+    out[k] = set_path(tree[k], rest, value) if rest else value
+    return out
+
+
 class ModelAdapter(Protocol):
     """Model-level plumbing the engine needs from a family, over a checkpoint or params in memory.
 

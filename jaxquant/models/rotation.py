@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.core import hadamard
-from jaxquant.models.blockspec import BlockSpec
+from jaxquant.models.blockspec import BlockSpec, get_path, set_path
 
 KINDS = ("block_hadamard", "hadamard")
 _HI = jax.lax.Precision.HIGHEST
@@ -60,17 +60,6 @@ class RotationSpec:
         return hadamard.block_hadamard(dim, self.block, self.seed)
 
 
-def _get(tree, path):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
-
-
-def _set(tree, path, value):
-    k, *rest = path.split("/")
-    return {**tree, k: _set(tree[k], "/".join(rest), value) if rest else value}
-
-
 def stream_norms(spec: BlockSpec) -> list[tuple[str, tuple[str, ...]]]:
     """``(norm path, linears reading it)`` for each norm of the stream in a block."""
     return [(st.producer.paths[0], st.linears) for st in spec.stages
@@ -82,7 +71,7 @@ def check_rotatable(spec: BlockSpec, bp: dict) -> None:
         raise ValueError("rotation: this model's block spec declares no residual_writers, so its "
                          "residual stream cannot be rotated")
     for norm, _ in stream_norms(spec):
-        p = _get(bp, norm)
+        p = get_path(bp, norm)
         if "bias" in p:
             raise ValueError(f"rotation: the norm {norm!r} has a bias, which cannot be fused into "
                              "the linears that read it; rotate before adding norm biases (DAC)")
@@ -96,17 +85,18 @@ def rotate_block(spec: BlockSpec, bp: dict, Q) -> dict:
     check_rotatable(spec, bp)
     Q = jnp.asarray(Q, jnp.float32)
     for norm, readers in stream_norms(spec):
-        g = jnp.asarray(_get(bp, norm)["scale"], jnp.float32)
+        g = jnp.asarray(get_path(bp, norm)["scale"], jnp.float32)
         for lin in readers:
-            W = jnp.asarray(_get(bp, f"{lin}/kernel"), jnp.float32)
-            bp = _set(bp, f"{lin}/kernel", jnp.matmul(Q.T, g[:, None] * W, precision=_HI))
-        bp = _set(bp, f"{norm}/scale", jnp.ones_like(g))
+            W = jnp.asarray(get_path(bp, f"{lin}/kernel"), jnp.float32)
+            bp = set_path(bp, f"{lin}/kernel", jnp.matmul(Q.T, g[:, None] * W, precision=_HI))
+        bp = set_path(bp, f"{norm}/scale", jnp.ones_like(g))
     for lin in spec.residual_writers:
-        W = jnp.asarray(_get(bp, f"{lin}/kernel"), jnp.float32)
-        bp = _set(bp, f"{lin}/kernel", jnp.matmul(W, Q, precision=_HI))
-        b = _get(bp, lin).get("bias")
+        W = jnp.asarray(get_path(bp, f"{lin}/kernel"), jnp.float32)
+        bp = set_path(bp, f"{lin}/kernel", jnp.matmul(W, Q, precision=_HI))
+        b = get_path(bp, lin).get("bias")
         if b is not None:
-            bp = _set(bp, f"{lin}/bias", jnp.matmul(jnp.asarray(b, jnp.float32), Q, precision=_HI))
+            b = jnp.matmul(jnp.asarray(b, jnp.float32), Q, precision=_HI)
+            bp = set_path(bp, f"{lin}/bias", b)
     return bp
 
 
