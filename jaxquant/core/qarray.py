@@ -253,6 +253,11 @@ def quantize(w: jax.Array, spec: QuantSpec, *, validate: bool = True) -> QArray:
         raise ValueError(f"spec must be a jaxquant.QuantSpec, got {type(spec).__name__}")
     _check_rank(w, "w")
     spec.check_weight_shape(w.shape)
+    if spec.codebook != "uniform":
+        raise ValueError(f"quantize: spec.codebook={spec.codebook!r} is fitted by an algorithm "
+                         "(the 'dsq' calibration algorithm: its per-column scale is folded into "
+                         "the producer linear), not by round-to-nearest; build the QArray with "
+                         "from_codes(codes, plane_scales, None, spec)")
     if validate:
         check_finite(w, name="w")
     return _quantize_jit(w, spec)

@@ -24,6 +24,13 @@ group for 3 bits), the same for every plane. The TPU kernel expands a tile's ``[
 to plane rows with a 0/1 matrix product (exact); the GPU kernel steps K one group at a time, so
 its scale is one broadcast row.
 
+Binary-coded weights (``spec.codebook == "binary"``, D²Quant's DSQ): the code of every entry is
+its sign bits, stored in the same words (bit ``p`` of the code is sign plane ``p``), and
+``ŵ = Σ_p r_p (2·bit_p − 1) = Σ_p (2 r_p)·bit_p − Σ_p r_p`` with plane scales ``r`` per (group,
+output channel). The wrappers pass ``2r`` as a ``[bits, G, N]`` scale operand and ``Σ_p r_p`` in the
+place of ``scale·zero``; the kernels take the code's bits with shifts and sum the planes with
+their expanded scales. Same words, same activation layout, one extra scale row per plane.
+
 Shapes that do not fill a block are zero-padded by the wrappers (M, N, K; padded codes meet zero
 activations and zero scales) and sliced back. Group sizes must be multiples of 32 (a chunk never
 spans two groups) or ``-1`` (per output channel), else the kernels refuse with a ValueError.
@@ -58,8 +65,9 @@ def dequant_matmul_xla(x: jax.Array, qa: QArray) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- shared prep
-def check_kernel_qarray(qa: QArray) -> None:
-    """Raise ValueError when ``qa`` is outside what the kernels implement."""
+def check_kernel_qarray(qa: QArray, *, binary: bool = True) -> None:
+    """Raise ValueError when ``qa`` is outside what the kernels implement (``binary=False``: a
+    kernel that implements only the uniform codebook)."""
     if not isinstance(qa, QArray):
         raise ValueError(f"expected a QArray kernel, got {type(qa).__name__}")
     if qa.ndim != 2:
@@ -68,9 +76,10 @@ def check_kernel_qarray(qa: QArray) -> None:
         raise ValueError(f"the kernels implement 2, 3, 4 and 8 bits, not {qa.spec.bits}")
     if qa.spec.per_tensor:
         raise ValueError("the kernels take group-wise or per-channel scales, not per_tensor")
-    if qa.spec.codebook != "uniform":
-        raise ValueError(f"the kernels implement the uniform codebook, not {qa.spec.codebook!r} "
-                         "(a binary-coded DSQ weight runs on the XLA dequantize path)")
+    if qa.spec.codebook not in (("uniform", "binary") if binary else ("uniform",)):
+        raise ValueError(f"this kernel implements the uniform codebook, not "
+                         f"{qa.spec.codebook!r} (a binary-coded DSQ weight runs on the Pallas "
+                         "kernels or the XLA dequantize path)")
     gs = qa.spec.group_size
     if gs != -1 and gs % 32:
         raise ValueError(f"group_size {gs} is not a multiple of 32: a 32-code packing chunk would "
@@ -88,26 +97,28 @@ def _pad2(a, rows: int, cols: int):
 def _prepare(qa: QArray, *, eff_gs: int, bn: int, kp: int):
     """Packed words, float32 scale and scale·zero padded to ``kp`` input rows and a multiple of
     ``bn`` columns, with the scales re-expressed for groups of ``eff_gs`` rows (a per-channel or
-    larger group's row is repeated; exact)."""
+    larger group's row is repeated; exact). Binary-coded: the scale is ``2r`` ``[bits, G, N]``
+    and the offset ``Σ_p r_p`` ``[G, N]`` (returned in the place of scale·zero)."""
     b = qa.spec.bits
     _, n = qa.shape
     gs = qa.spec.group_size
-    s = qa.scale.astype(jnp.float32)
-    z = qa.zero_point()
-    if gs == -1:
-        s = jnp.repeat(s, kp // eff_gs, axis=0)
-        z = jnp.repeat(z, kp // eff_gs, axis=0)
-    elif gs != eff_gs:
-        if gs % eff_gs:
-            raise ValueError(f"group_size {gs} is not a multiple of the kernel's {eff_gs}")
-        s = jnp.repeat(s, gs // eff_gs, axis=0)
-        z = jnp.repeat(z, gs // eff_gs, axis=0)
+    if qa.spec.codebook == "binary":
+        r = qa.scale.astype(jnp.float32)  # [G, N, bits]
+        s, off = jnp.moveaxis(2.0 * r, -1, 0), jnp.sum(r, axis=-1)  # [bits, G, N], [G, N]
+    else:
+        s = qa.scale.astype(jnp.float32)
+        off = s * qa.zero_point()
+        s = s[None]
+    # group rows -> rows of eff_gs input channels (a per-channel / larger group repeated; exact)
+    rep = kp // eff_gs if gs == -1 else gs // eff_gs
+    if gs != -1 and gs % eff_gs:
+        raise ValueError(f"group_size {gs} is not a multiple of the kernel's {eff_gs}")
+    s, off = jnp.repeat(s, rep, axis=1), jnp.repeat(off, rep, axis=0)
     np_ = round_up(n, bn)
     words = _pad2(qa.packed, kp * b // 32, np_)
     g = kp // eff_gs
-    sz = _pad2(s * z, g, np_)
-    s = _pad2(s, g, np_)
-    return words, s, sz, np_
+    s = jnp.stack([_pad2(sp, g, np_) for sp in s])
+    return words, (s if qa.spec.codebook == "binary" else s[0]), _pad2(off, g, np_), np_
 
 
 def _x_planes(x2, *, bits: int, bk: int, kp: int, mp: int):
@@ -136,8 +147,20 @@ def planes_from_words(words, bits: int):
     return out
 
 
+def dequant_plane(q, s_rows, sz_rows):
+    """One plane's dequantized tile (float32) from its integer codes ``q`` (uint32): uniform
+    ``q·s − s·z`` with ``s_rows`` one array; binary-coded ``Σ_p bit_p(q)·(2 r_p) − Σ_p r_p`` with
+    ``s_rows`` the list of the planes' ``2 r_p``."""
+    if not isinstance(s_rows, list):
+        return q.astype(jnp.float32) * s_rows - sz_rows
+    deq = -sz_rows
+    for p, sp in enumerate(s_rows):
+        deq = deq + ((q >> jnp.uint32(p)) & jnp.uint32(1)).astype(jnp.float32) * sp
+    return deq
+
+
 # ----------------------------------------------------------------------------- TPU (Mosaic)
-def _tpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, acc_ref, *, bits, gs, bk, nk):
+def _tpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, acc_ref, *, bits, gs, bk, nk, binary):
     kk = pl.program_id(2)
 
     @pl.when(kk == 0)
@@ -158,13 +181,17 @@ def _tpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, acc_ref, *, bits, gs, bk, nk
     r = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (rows, g_t), 0), jnp.int32(per))
     g = jax.lax.broadcasted_iota(jnp.int32, (rows, g_t), 1)
     e = (r == g).astype(jnp.float32)
-    s_rows = jnp.dot(e, s_ref[...], precision=HIGHEST, preferred_element_type=jnp.float32)
+    if binary:  # one expanded 2·r row block per sign plane
+        s_rows = [jnp.dot(e, s_ref[p], precision=HIGHEST, preferred_element_type=jnp.float32)
+                  for p in range(bits)]
+    else:
+        s_rows = jnp.dot(e, s_ref[...], precision=HIGHEST, preferred_element_type=jnp.float32)
     sz_rows = jnp.dot(e, sz_ref[...], precision=HIGHEST, preferred_element_type=jnp.float32)
     cdt = x_ref.dtype
     prec = HIGHEST if cdt == jnp.float32 else None
     acc = acc_ref[...]
     for i, q in enumerate(planes_from_words(words, bits)):
-        deq = (q.astype(jnp.float32) * s_rows - sz_rows).astype(cdt)
+        deq = dequant_plane(q, s_rows, sz_rows).astype(cdt)
         acc += jnp.dot(x_ref[i], deq, precision=prec, preferred_element_type=jnp.float32)
     acc_ref[...] = acc
 
@@ -194,16 +221,19 @@ def _tpu_call(x2, qa, *, bm, bn, bk, interpret):
     words, s, sz, np_ = _prepare(qa, eff_gs=gs, bn=bn, kp=kp)
     x3 = _x_planes(x2, bits=bits, bk=bk, kp=kp, mp=mp)
     p = x3.shape[0]
+    binary = qa.spec.codebook == "binary"
+    s_spec = (pl.BlockSpec((bits, bk // gs, bn), lambda i, j, kk: (0, kk, j)) if binary
+              else pl.BlockSpec((bk // gs, bn), lambda i, j, kk: (kk, j)))
     from jax.experimental.pallas import tpu as pltpu
 
     out = pl.pallas_call(
-        functools.partial(_tpu_kernel, bits=bits, gs=gs, bk=bk, nk=nk),
+        functools.partial(_tpu_kernel, bits=bits, gs=gs, bk=bk, nk=nk, binary=binary),
         out_shape=jax.ShapeDtypeStruct((mp, np_), x2.dtype),
         grid=(mp // bm, np_ // bn, nk),
         in_specs=[
             pl.BlockSpec((p, bm, bk // p), lambda i, j, kk: (0, i, kk)),
             pl.BlockSpec((bk * bits // 32, bn), lambda i, j, kk: (kk, j)),
-            pl.BlockSpec((bk // gs, bn), lambda i, j, kk: (kk, j)),
+            s_spec,
             pl.BlockSpec((bk // gs, bn), lambda i, j, kk: (kk, j)),
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
@@ -211,7 +241,7 @@ def _tpu_call(x2, qa, *, bm, bn, bk, interpret):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-        name=f"jaxquant_w{bits}a16_tpu",
+        name=f"jaxquant_w{bits}a16{'_bc' if binary else ''}_tpu",
     )(x3, words, s, sz)
     return out[:m, :n]
 
@@ -263,7 +293,7 @@ def dequant_matmul_pallas_tpu(x: jax.Array, qa: QArray, *, bm: int | None = None
 
 
 # ----------------------------------------------------------------------------- GPU (Triton)
-def _gpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, *, bits, gs, nk):
+def _gpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, *, bits, gs, nk, binary):
     """One program per (M block, N block); loops over K one group at a time."""
     p = 32 if bits == 3 else 32 // bits
     rows = gs // p
@@ -274,10 +304,13 @@ def _gpu_kernel(x_ref, w_ref, s_ref, sz_ref, o_ref, *, bits, gs, nk):
             words = [w_ref[pl.ds(kk * wrows + w, rows, stride=3), :] for w in range(3)]
         else:
             words = w_ref[pl.ds(kk * wrows, wrows), :]
-        s = s_ref[pl.ds(kk, 1), :]
+        if binary:
+            s = [s_ref[p, pl.ds(kk, 1), :] for p in range(bits)]
+        else:
+            s = s_ref[pl.ds(kk, 1), :]
         sz = sz_ref[pl.ds(kk, 1), :]
         for i, q in enumerate(planes_from_words(words, bits)):
-            deq = q.astype(jnp.float32) * s - sz  # [rows, bn]
+            deq = dequant_plane(q, s, sz)  # [rows, bn]
             xi = x_ref[i, :, pl.ds(kk * rows, rows)].astype(jnp.float32)  # [bm, rows]
             if rows >= 16:
                 acc += jnp.dot(xi, deq)
@@ -311,20 +344,23 @@ def _gpu_call(x2, qa, *, bm, bn, interpret, num_warps, num_stages):
     n = qa.shape[1]
     x3, words, s, sz, gs, kp, mp, np_ = gpu_operands(x2, qa, bm=bm, bn=bn)
     p = x3.shape[0]
+    binary = qa.spec.codebook == "binary"
+    s_spec = (pl.BlockSpec((bits, kp // gs, bn), lambda i, j: (0, 0, j)) if binary
+              else pl.BlockSpec((kp // gs, bn), lambda i, j: (0, j)))
     out = pl.pallas_call(
-        functools.partial(_gpu_kernel, bits=bits, gs=gs, nk=kp // gs),
+        functools.partial(_gpu_kernel, bits=bits, gs=gs, nk=kp // gs, binary=binary),
         out_shape=jax.ShapeDtypeStruct((mp, np_), x2.dtype),
         grid=(mp // bm, np_ // bn),
         in_specs=[
             pl.BlockSpec((p, bm, kp // p), lambda i, j: (0, i, 0)),
             pl.BlockSpec((kp * bits // 32, bn), lambda i, j: (0, j)),
-            pl.BlockSpec((kp // gs, bn), lambda i, j: (0, j)),
+            s_spec,
             pl.BlockSpec((kp // gs, bn), lambda i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"jaxquant_w{bits}a16_gpu",
+        name=f"jaxquant_w{bits}a16{'_bc' if binary else ''}_gpu",
     )(x3, words, s, sz)
     return out[:m, :n]
 

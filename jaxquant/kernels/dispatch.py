@@ -87,6 +87,10 @@ def can_use_pallas_gpu(x, qa: QArray, platform: str) -> tuple[bool, str]:
 def can_use_jax_triton(x, qa: QArray, platform: str) -> tuple[bool, str]:
     if platform not in ("gpu", "cuda"):
         return False, f"backend {platform!r} is not a CUDA GPU"
+    try:  # this kernel implements the uniform codebook only
+        dm.check_kernel_qarray(qa, binary=False)
+    except ValueError as e:
+        return False, str(e)
     try:
         import jax_triton  # noqa: F401
     except ImportError as e:  # the optional extra 'gpu'

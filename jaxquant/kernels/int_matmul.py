@@ -38,6 +38,9 @@ from jaxquant.kernels.dequant_matmul import gpu_operands, planes_from_words, rou
 def check_int_qarray(qa: QArray, act_bits: int) -> None:
     if not isinstance(qa, QArray) or qa.ndim != 2:
         raise ValueError("int_matmul takes one [K, N] QArray")
+    if qa.spec.codebook != "uniform":
+        raise ValueError(f"int_matmul implements the uniform integer grid, not the "
+                         f"{qa.spec.codebook!r} codebook (its codes are not integers to multiply)")
     if not qa.spec.symmetric or qa.spec.bits not in (4, 8) or qa.spec.per_tensor:
         raise ValueError(f"int_matmul needs a symmetric 4- or 8-bit group-wise or per-channel "
                          f"QArray, got {qa.spec}")

@@ -80,7 +80,7 @@ def _call(x2, qa, *, bm, bn, num_warps, num_stages):
 def dequant_matmul_jax_triton(x: jax.Array, qa: QArray, *, bm: int = 16, bn: int = 64,
                               num_warps: int = 4, num_stages: int = 2) -> jax.Array:
     """``x [..., K] @ qa [K, N]`` through the jax-triton kernel (CUDA only)."""
-    check_kernel_qarray(qa)
+    check_kernel_qarray(qa, binary=False)
     *lead, k = x.shape
     if k != qa.shape[0]:
         raise ValueError(f"x has {k} input features, the QArray {qa.shape[0]}")

@@ -278,14 +278,16 @@ def test_block_halves_compose_to_the_block(tiny):
     np.testing.assert_allclose(np.asarray(halves), np.asarray(whole), atol=1e-6)
 
 
-def test_faithful_d2quant_saves_reloads_generates_and_falls_back_to_xla(tiny, tmp_path, caplog):
+def test_faithful_d2quant_saves_reloads_generates_through_the_kernels(tiny, tmp_path, caplog):
     """The public code's pipeline (rotation, GPTAQ + GAR, binary DSQ folded into up_proj, DAC with
-    a same-input teacher) on a tiny model: the binary-coded down_proj survives save/reload, the
-    kernel path refuses its format with a logged reason and runs XLA, with the same greedy
-    tokens; the folded model equals the unfolded DSQ form diag(c)·Ŵ."""
+    a same-input teacher) on a tiny model: the binary-coded down_proj survives save/reload and
+    the reloaded model generates the same greedy tokens through the Pallas kernel path (TPU and
+    GPU kernels, interpret mode; the binary down_proj included) as through XLA; a kernel that
+    implements only the uniform grid (jax-triton) refuses the format with a logged reason."""
     import logging
 
     from jaxquant.core.qarray import QArray
+    from jaxquant.kernels import dispatch
     from jaxquant.kernels.dispatch import kernel_mode
     from jaxquant.models.common.generate import generate
 
@@ -304,21 +306,31 @@ def test_faithful_d2quant_saves_reloads_generates_and_falls_back_to_xla(tiny, tm
     b, _ = models.forward(loaded.config, loaded.params, tokens[:2])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     prompt = jnp.asarray(tokens[:1, :8])
-    with kernel_mode("xla"):
-        out = generate(loaded.config, loaded.params, prompt, jax.random.PRNGKey(0),
-                       max_new_tokens=5)
-    assert out.shape == (1, 5)
-    logits = {}
-    for mode in ("xla", "interpret"):
+    toks, logits = {}, {}
+    for mode, plat in (("xla", "tpu"), ("interpret", "tpu"), ("interpret", "gpu")):
+        jax.clear_caches()  # inner jitted functions were traced under the previous mode
         with caplog.at_level(logging.INFO, logger="jaxquant.kernels.dispatch"), \
-                kernel_mode(mode, interpret_platform="tpu"):
+                kernel_mode(mode, interpret_platform=plat):
             # a fresh trace per mode: the dispatcher chooses at trace time
+            gen = jax.jit(lambda p, t: generate(loaded.config, p, t, jax.random.PRNGKey(0),
+                                                max_new_tokens=6))
+            toks[(mode, plat)] = np.asarray(gen(loaded.params, prompt))
             fwd = jax.jit(lambda p, t: models.forward(loaded.config, p, t)[0])
-            logits[mode] = np.asarray(fwd(loaded.params, tokens[:2]))
+            # 32 rows: the GPU kernel serves M <= 64 (a longer prefill goes to XLA by design)
+            logits[(mode, plat)] = np.asarray(fwd(loaded.params, tokens[:1, :32]))
             jaxpr = str(jax.make_jaxpr(lambda p, t: models.forward(loaded.config, p, t)[0])(
-                loaded.params, tokens[:2]))
-        # the uniform linears take the kernel; the binary-coded down_proj falls back to XLA
-        assert ("pallas_call" in jaxpr) == (mode == "interpret")
-    assert "uniform codebook" in caplog.text  # the logged reason of the fallback
-    np.testing.assert_allclose(logits["interpret"], logits["xla"], atol=1e-4, rtol=1e-4)
-    np.testing.assert_array_equal(logits["interpret"].argmax(-1), logits["xla"].argmax(-1))
+                loaded.params, tokens[:1, :32]))
+        # every linear, the binary-coded down_proj included, takes the kernel in interpret mode
+        n_calls = jaxpr.count("pallas_call")
+        assert (n_calls > 0) == (mode == "interpret")
+        if mode == "interpret":
+            assert "_bc_" in jaxpr, "the binary-coded kernel is not on the path"
+            assert "XLA fallback" not in caplog.text, caplog.text
+    ref = toks[("xla", "tpu")]
+    assert ref.shape == (1, 6)
+    for k, v in toks.items():
+        np.testing.assert_array_equal(v, ref, err_msg=str(k))
+        np.testing.assert_allclose(logits[k], logits[("xla", "tpu")], atol=1e-4, rtol=1e-4)
+    ok, why = dispatch.can_use_jax_triton(tokens[:1, :down.shape[0]].astype(np.float32), down,
+                                          "cuda")
+    assert not ok and "uniform codebook" in why

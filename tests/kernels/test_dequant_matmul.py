@@ -60,6 +60,22 @@ def _case(bits, gs, m, k, n, dtype=jnp.float32, seed=0, symmetric=False):
     return x, qa, W
 
 
+def _case_binary(bits, gs, m, k, n, dtype=jnp.float32, seed=0):
+    """A binary-coded (D²Quant DSQ) QArray from random sign codes and plane scales drawn here;
+    ``W[k, n] = Σ_p r_p[g(k), n] · (2·bit_p(code) − 1)`` built in float64 numpy."""
+    rng = np.random.default_rng(seed)
+    spec = jq.QuantSpec(bits=bits, group_size=gs, codebook="binary")
+    g = spec.num_groups(k)
+    q = rng.integers(0, 2**bits, size=(k, n))
+    r = np.exp(rng.uniform(-4.0, -1.0, size=(g, n, bits))).astype(np.float32)
+    qa = from_codes(jnp.asarray(q, jnp.int32), jnp.asarray(r), None, spec)
+    np.testing.assert_array_equal(_np_unpack(qa.packed, bits, k), q)  # signs stored as code bits
+    signs = 2.0 * ((q[..., None] >> np.arange(bits)) & 1) - 1.0  # [K, N, bits]
+    W = np.sum(signs * np.repeat(r.astype(np.float64), k // g, axis=0), axis=-1)
+    x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
+    return x, qa, W
+
+
 def _oracle(x, W):
     """``x @ W`` in float64 (``x`` as given, i.e. already rounded to its dtype)."""
     return np.asarray(x.astype(jnp.float32), np.float64) @ W
@@ -105,6 +121,40 @@ def test_bf16_activations_and_per_channel_and_batch_dims(platform, bits):
     x3 = x.reshape(1, 7, 320)
     np.testing.assert_array_equal(np.asarray(KERNELS[platform](x3, qa, interpret=True)[0]),
                                   np.asarray(got))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize(("bits", "gs", "m"), [(2, 32, 1), (2, 64, 16), (2, 128, 7),
+                                               (3, 32, 128), (3, 64, 1), (3, 128, 16)])
+def test_binary_coded_kernel_equals_numpy_oracle(platform, bits, gs, m):
+    """The DSQ format (sign planes as code bits + per-(group, channel) plane scales) through the
+    kernels, the XLA path and the reference equals the numpy bit-plane sum."""
+    x, qa, W = _case_binary(bits, gs, m, 384, 200, seed=m + bits)
+    ref = _oracle(x, W)
+    assert _rel_err(KERNELS[platform](x, qa, interpret=True), ref) < _tol(jnp.float32)
+    assert _rel_err(dequant_matmul_xla(x, qa), ref) < 1e-5
+    assert _rel_err(dequant_matmul_reference(x, qa), ref) < 1e-5
+    xb = x.astype(jnp.bfloat16)
+    got = KERNELS[platform](xb, qa, interpret=True)
+    assert got.dtype == jnp.bfloat16 and _rel_err(got, _oracle(xb, W)) < _tol(jnp.bfloat16)
+
+
+def test_binary_coded_multi_block_k_and_refusals():
+    """Several TPU K steps accumulate the binary planes; the kernels that implement only the
+    uniform grid refuse the format with the reason (the dispatcher then logs it and uses XLA)."""
+    from jaxquant.kernels.dispatch import can_use_jax_triton
+    from jaxquant.kernels.int_matmul import check_int_qarray
+
+    x, qa, W = _case_binary(3, 64, 16, 2048, 256)
+    got = dequant_matmul_pallas_tpu(x, qa, bm=8, bn=128, bk=1024, interpret=True)
+    assert _rel_err(got, _oracle(x, W)) < 2e-5
+    assert can_use_pallas_tpu(x, qa, "tpu") == (True, "ok")
+    ok, why = can_use_jax_triton(x, qa, "cuda")
+    assert not ok and "uniform codebook" in why and "binary" in why
+    with pytest.raises(ValueError, match="binary"):
+        check_int_qarray(qa, 8)
+    with pytest.raises(ValueError, match="dsq"):  # no silent uniform fit of a binary spec
+        jq.quantize(jnp.ones((64, 8)), jq.QuantSpec(bits=2, group_size=32, codebook="binary"))
 
 
 @pytest.mark.parametrize(("bits", "gs", "symmetric"),
@@ -165,8 +215,13 @@ def test_dispatch_predicates_and_logged_fallback(caplog):
     np.testing.assert_allclose(np.asarray(y2), np.asarray(y), rtol=1e-4, atol=1e-4)
 
 
-def _abstract(bits, gs, k, n):
-    spec = jq.QuantSpec(bits=bits, group_size=gs)
+def _abstract(bits, gs, k, n, codebook="uniform"):
+    spec = jq.QuantSpec(bits=bits, group_size=gs, codebook=codebook)
+    if codebook == "binary":  # codes and plane scales, as the DSQ algorithm returns them
+        g = spec.num_groups(k)
+        return jax.eval_shape(lambda q, r: from_codes(q, r, None, spec),
+                              jax.ShapeDtypeStruct((k, n), jnp.int32),
+                              jax.ShapeDtypeStruct((g, n, bits), jnp.float32))
     return jax.eval_shape(lambda w: jq.quantize(w, spec, validate=False),
                           jax.ShapeDtypeStruct((k, n), jnp.float32))
 
@@ -180,6 +235,17 @@ def test_kernels_lower_for_their_target(bits, platform, fn):
     for gs, (m, k, n) in ((128, (1, 4096, 4096)), (32, (16, 4096, 1024)), (-1, (256, 8192, 512)),
                           (64, (7, 576, 1536))):
         qa = _abstract(bits, gs, k, n)
+        x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+        text = jax.jit(fn).trace(x, qa).lower(lowering_platforms=(platform,)).as_text()
+        assert ("tpu_custom_call" in text) if platform == "tpu" else ("triton" in text.lower())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize(("platform", "fn"), [("tpu", dequant_matmul_pallas_tpu),
+                                             ("cuda", dequant_matmul_pallas_gpu)])
+def test_binary_coded_kernels_lower_for_their_target(bits, platform, fn):
+    for gs, (m, k, n) in ((128, (1, 4096, 4096)), (64, (16, 1536, 576)), (64, (7, 8192, 512))):
+        qa = _abstract(bits, gs, k, n, codebook="binary")
         x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
         text = jax.jit(fn).trace(x, qa).lower(lowering_platforms=(platform,)).as_text()
         assert ("tpu_custom_call" in text) if platform == "tpu" else ("triton" in text.lower())
@@ -201,3 +267,6 @@ def test_pallas_kernel_compiled_on_device(platform, bits):
         for m in (1, 7, 16, 128):
             x, qa, W = _case(bits, gs, m, 4096, 1000, dtype=jnp.bfloat16, seed=m)
             assert _rel_err(KERNELS[platform](x, qa), _oracle(x, W)) < _tol(jnp.bfloat16)
+            if bits in (2, 3):
+                x, qa, W = _case_binary(bits, gs, m, 4096, 1000, dtype=jnp.bfloat16, seed=m)
+                assert _rel_err(KERNELS[platform](x, qa), _oracle(x, W)) < _tol(jnp.bfloat16)
