@@ -264,6 +264,14 @@ def test_shipped_d2quant_recipes():
         assert up.algorithm == "gptaq" and up.opts["gar"]
         u = load_recipe(f"d2quant_uniform_w{bits}_g64")  # our earlier reconstruction, kept
         assert u.match("layers/7/mlp/down_proj").algorithm == "dsq_uniform"
+        # the paper's 128 x 2048 calibration: the same method, only the data differ
+        big = load_recipe(f"d2quant_w{bits}_g64_c128x2048")
+        assert (big.calib["n_samples"], big.calib["seqlen"]) == (128, 2048)
+        assert (r.calib["n_samples"], r.calib["seqlen"]) == (32, 512)
+        a, b = r.to_dict(), big.to_dict()
+        for k in ("name", "calibration", "description"):
+            a.pop(k, None), b.pop(k, None)
+        assert a == b
 
 
 def test_block_halves_compose_to_the_block(tiny):
