@@ -1,4 +1,5 @@
-"""Evaluation: perplexity (the protocol's), KL divergence to a reference model."""
+"""Evaluation: perplexity (the protocol's), KL divergence to a reference model, and sample metrics
+for diffusion models (MSE / PSNR to the fp samples, classifier accuracy, Fréchet distance)."""
 
 from jaxquant.eval.perplexity import (
     ModelFn,
@@ -8,6 +9,14 @@ from jaxquant.eval.perplexity import (
     nll_sum_and_count,
     perplexity,
 )
+from jaxquant.eval.images import (
+    classifier_accuracy,
+    feature_stats,
+    frechet_distance,
+    psnr,
+    sample_mse,
+)
 
-__all__ = ["ModelFn", "kl_divergence", "model_logits_fn", "nll_per_window", "nll_sum_and_count",
+__all__ = ["classifier_accuracy", "feature_stats", "frechet_distance", "psnr", "sample_mse",
+           "ModelFn", "kl_divergence", "model_logits_fn", "nll_per_window", "nll_sum_and_count",
            "perplexity"]
