@@ -107,6 +107,18 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(os.fspath(path))
 
 
+def _is_diffusers_dir(path) -> bool:
+    cfg_path = os.path.join(os.fspath(path), "config.json")
+    if not (os.path.isdir(path) and os.path.isfile(cfg_path)):
+        return False
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # open_source reports the bad JSON
+    return isinstance(cfg, dict) and "_class_name" in cfg
+
+
 def _is_gguf(path: str) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -116,13 +128,19 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
     """Load an HF safetensors directory, a GGUF file, or a jaxquant quantized directory.
 
     Returns:
-      :class:`LoadedModel` with ``config`` (:class:`DecoderConfig`) and the stacked ``params``.
+      :class:`LoadedModel` with ``config`` (:class:`DecoderConfig`) and the stacked ``params``;
+      for a diffusers model directory (``config.json`` with ``_class_name``) a
+      :class:`jaxquant.models.dit.DiffusionTransformer` instead.
     """
     from jaxquant.models.quantized import is_quantized_dir, load_quantized
 
     if os.path.isdir(path) and is_quantized_dir(path):
         cfg, params, _ = load_quantized(path)
         return LoadedModel(cfg, params, os.fspath(path), "jaxquant")
+    if _is_diffusers_dir(path):  # a diffusers model (config.json with _class_name): DiT / PixArt
+        from jaxquant.models import dit
+
+        return dit.load_diffusers(path, dtype=dtype)
     src, cfg_dict = open_source(path)
     where = os.path.join(os.fspath(path), "config.json") if os.path.isdir(path) else os.fspath(path)
     cfg = config_from_hf(cfg_dict, source=where)

@@ -99,10 +99,12 @@ class SafetensorsFile:
 class SafetensorsDir:
     """All safetensors of an HF directory: single file, or sharded with ``*.index.json``."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, stem: str = "model"):
+        """``stem``: the file name before ``.safetensors`` (diffusers: ``diffusion_pytorch_model``
+        or ``diffusion_pytorch_model.<variant>``)."""
         self.directory = os.fspath(directory)
-        index = os.path.join(self.directory, "model.safetensors.index.json")
-        single = os.path.join(self.directory, "model.safetensors")
+        index = os.path.join(self.directory, f"{stem}.safetensors.index.json")
+        single = os.path.join(self.directory, f"{stem}.safetensors")
         self._where: dict[str, SafetensorsFile] = {}
         if os.path.isfile(index):
             with open(index) as f:
@@ -121,10 +123,12 @@ class SafetensorsDir:
             st = SafetensorsFile(single)
             self._where = dict.fromkeys(st.keys(), st)
         else:
+            found = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors")) \
+                if os.path.isdir(self.directory) else []
             raise FileNotFoundError(
-                f"{self.directory}: no model.safetensors or model.safetensors.index.json "
-                "(pickled .bin checkpoints are not loaded)"
-            )
+                f"{self.directory}: no {stem}.safetensors or {stem}.safetensors.index.json "
+                f"(safetensors files here: {found or 'none'}; pickled .bin checkpoints are not "
+                "loaded)")
 
     def keys(self) -> Iterator[str]:
         return iter(self._where)
