@@ -383,6 +383,8 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st):
             raise FloatingPointError(f"{path}: quantized weights are not finite; not writing them")
         err = rel_error(W, W_hat, st.get("H"))
         bp = set_path(bp, f"{lin}/kernel", qa)
+        if r.act is not None:  # the activation quantizer rides with the linear's params
+            bp = set_path(bp, f"{lin}/act", r.act)
         if c is not None:  # s^c -> the producer's output channels; the stage input x ⊙ c
             bp = fold_into_producer(bp, stage.producer, c)
             x = state[stage.input]
@@ -612,6 +614,8 @@ def _quantize_data_free(recipe, b, spec: BlockSpec, bp):
         if not bool(jnp.all(jnp.isfinite(W_hat))):
             raise FloatingPointError(f"layers/{b}/{lin}: quantized weights are not finite")
         bp = set_path(bp, f"{lin}/kernel", qa)
+        if r.act is not None:
+            bp = set_path(bp, f"{lin}/act", r.act)
         reports.append(LayerReport(f"layers/{b}/{lin}", r.algorithm, r.spec.bits,
                                    rel_error(W, W_hat), time.perf_counter() - t0))
     return bp, None, reports

@@ -131,3 +131,48 @@ def quant_matmul(x: jax.Array, qa: QArray, *, platform: str | None = None) -> ja
     _log_once(f"quant_matmul: XLA dequantize+matmul for {qa.shape} {qa.spec.bits}-bit on "
               f"{platform} ({'; '.join(reasons)})")
     return dm.dequant_matmul_xla(x, qa)
+
+
+# ----------------------------------------------------------------------------- W·A integer path
+def can_use_int(qa: QArray, act_bits: int) -> tuple[bool, str]:
+    """Whether the integer kernels can take ``qa`` with ``act_bits``-bit activations."""
+    from jaxquant.kernels import int_matmul as im
+
+    try:
+        im.check_int_qarray(qa, act_bits)
+    except ValueError as e:
+        return False, str(e)
+    return True, ""
+
+
+def int_quant_matmul(x: jax.Array, qa: QArray, *, act_bits: int,
+                     platform: str | None = None) -> jax.Array:
+    """``x [..., K] @ qa [K, N]`` with ``x`` quantized per token to ``act_bits`` and integer
+    products: the Pallas TPU / GPU integer kernel where it applies (interpret mode under
+    ``kernel_mode("interpret")``), else XLA's int8 GEMM (:func:`int_matmul_xla`). A QArray the
+    integer kernels cannot take (asymmetric, 2/3-bit, binary-coded) raises ValueError naming why;
+    :func:`jaxquant.nn.linear.linear` checks :func:`can_use_int` first and falls back to the
+    fake-quant path with a logged reason."""
+    from jaxquant.kernels import int_matmul as im
+
+    mode = _state["mode"]
+    if mode == "xla":
+        return im.int_matmul_xla(x, qa, act_bits=act_bits)
+    if mode == "interpret":
+        p = _state["interpret_platform"]
+        f = im.int_matmul_pallas_tpu if p == "tpu" else im.int_matmul_pallas_gpu
+        try:
+            return f(x, qa, act_bits=act_bits, interpret=True)
+        except ValueError as e:
+            _log_once(f"int_quant_matmul: XLA int8 GEMM for {qa.shape} W{qa.spec.bits}A{act_bits}:"
+                      f" {e}")
+            return im.int_matmul_xla(x, qa, act_bits=act_bits)
+    platform = platform or jax.default_backend()
+    if platform == "tpu" or platform == "gpu" or platform == "cuda":
+        f = im.int_matmul_pallas_tpu if platform == "tpu" else im.int_matmul_pallas_gpu
+        try:
+            return f(x, qa, act_bits=act_bits)
+        except ValueError as e:
+            _log_once(f"int_quant_matmul: XLA int8 GEMM for {qa.shape} W{qa.spec.bits}A{act_bits}"
+                      f" on {platform}: {e}")
+    return im.int_matmul_xla(x, qa, act_bits=act_bits)

@@ -169,6 +169,15 @@ def family_of(model_type: str):
 def adapter_for(model):
     """The calibration adapter of ``model``: a path (streamed from the checkpoint, one block at a
     time) or a :class:`LoadedModel` in memory (fp, not already quantized)."""
+    from jaxquant.models import dit
+
+    if isinstance(model, dit.DiffusionTransformer):
+        if model.config.kind != "dit":
+            raise NotImplementedError(f"{model.path}: calibration of a {model.config.kind!r} "
+                                      "transformer has no block spec yet (DiT only)")
+        from jaxquant.models.dit.spec import DiTAdapter
+
+        return DiTAdapter(model)
     if isinstance(model, LoadedModel):
         if model.quantized:
             raise ValueError(f"{model.path}: this model is already quantized; calibrate its fp "

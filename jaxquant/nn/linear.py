@@ -8,6 +8,8 @@ kernels on TPU / GPU when their ``can_use_*`` predicates hold, else XLA dequanti
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +18,42 @@ import jax.numpy as jnp
 
 from jaxquant.core.activations import fake_quant_per_token
 from jaxquant.core.qarray import QArray, dequantize
-from jaxquant.kernels.dispatch import quant_matmul
+from jaxquant.kernels.dispatch import can_use_int, int_quant_matmul, quant_matmul
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+    """How a linear quantizes its input: dynamic per-token, ``bits`` (4 or 8), symmetric, the
+    per-token range scaled by ``clip_ratio``. ``mode="int"`` runs integer products through the
+    int kernels (:func:`jaxquant.kernels.dispatch.int_quant_matmul`) when the weight is a QArray
+    they take; ``"fake"`` quantizes and dequantizes the activation, then multiplies in float.
+    A static pytree node (no leaves): it rides in a linear's params as ``"act"``."""
+
+    bits: int
+    clip_ratio: float = 1.0
+    mode: str = "int"
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"ActQuant.bits must be 4 or 8, got {self.bits!r}")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"ActQuant.clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if self.mode not in ("int", "fake"):
+            raise ValueError(f"ActQuant.mode must be 'int' or 'fake', got {self.mode!r}")
+
+
+def apply_linear(x: jax.Array, p: dict, *, precision: Any = None) -> jax.Array:
+    """Apply a linear's params dict ``{"kernel", "bias"?, "act"?, "act_scale"?}`` to ``x``:
+    ``act_scale`` ``[K]`` divides the input first (SmoothQuant's migration where it could not be
+    folded into a producer), ``act`` (:class:`ActQuant`) quantizes it per token."""
+    if "act_scale" in p:
+        s = p["act_scale"]
+        x = x / bcast_last(s.astype(x.dtype), x.ndim)
+    return linear(x, p["kernel"], p.get("bias"), act=p.get("act"), precision=precision)
 
 
 def bcast_last(v: jax.Array, ndim: int) -> jax.Array:
@@ -30,10 +67,26 @@ def linear(
     bias: jax.Array | None = None,
     *,
     act_bits: int | None = None,
+    act: ActQuant | None = None,
     precision: Any = None,
 ) -> jax.Array:
-    """``x`` ``[..., K]`` times ``kernel`` ``[K, N]`` (dense or QArray) plus ``bias`` ``[N]``."""
-    if act_bits is not None:
+    """``x`` ``[..., K]`` times ``kernel`` ``[K, N]`` (dense or QArray) plus ``bias`` ``[N]``.
+
+    ``act_bits`` (fake-quant) or ``act`` (:class:`ActQuant`) quantize ``x`` per token; with
+    ``act.mode == "int"`` and a QArray the integer kernels take, the product is integer."""
+    if act is not None and act.mode == "int" and isinstance(kernel, QArray) \
+            and precision is None and act.clip_ratio == 1.0:
+        ok, why = can_use_int(kernel, act.bits)
+        if ok:
+            y = int_quant_matmul(x, kernel, act_bits=act.bits).astype(x.dtype)
+            return y if bias is None else y + bcast_last(bias.astype(y.dtype), y.ndim)
+        msg = f"linear: fake-quant W{kernel.spec.bits}A{act.bits} for {kernel.shape}: {why}"
+        if msg not in _logged:
+            _logged.add(msg)
+            log.info(msg)
+    if act is not None:
+        x = fake_quant_per_token(x, act.bits, act.clip_ratio)
+    elif act_bits is not None:
         x = fake_quant_per_token(x, act_bits)
     if isinstance(kernel, QArray) and precision is None:
         y = quant_matmul(x, kernel)

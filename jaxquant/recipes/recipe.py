@@ -25,7 +25,9 @@ from jaxquant.algorithms import registry
 from jaxquant.core.spec import QuantSpec
 
 KEEP_FP = "none"  # the algorithm name that keeps a layer in floating point
-_RULE_KEYS = {"pattern", "algorithm", "spec", "options"}
+_RULE_KEYS = {"pattern", "algorithm", "spec", "options", "activations"}
+# a rule's activation quantizer (jaxquant.nn.linear.ActQuant): dynamic per token, symmetric
+_ACT_KEYS = {"bits": 8, "clip_ratio": 1.0, "mode": "int"}
 _RECIPE_KEYS = {"name", "description", "rules", "calibration", "reference", "dac", "rotation"}
 # a residual rotation folded into the fp weights before calibration (jaxquant.models.rotation)
 _ROTATION_KEYS = {"kind": "block_hadamard", "block": 64, "seed": 0}
@@ -54,6 +56,16 @@ class Rule:
     algorithm: str
     spec: QuantSpec | None
     options: tuple[tuple[str, Any], ...] = ()
+    activations: tuple[tuple[str, Any], ...] | None = None  # None: activations stay float
+
+    @property
+    def act(self):
+        """The :class:`~jaxquant.nn.linear.ActQuant` of this rule's linears, or None."""
+        if self.activations is None:
+            return None
+        from jaxquant.nn.linear import ActQuant
+
+        return ActQuant(**{**_ACT_KEYS, **dict(self.activations)})
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -133,7 +145,8 @@ class Recipe:
             "rules": [
                 {"pattern": r.pattern, "algorithm": r.algorithm,
                  "spec": None if r.spec is None else dataclasses.asdict(r.spec),
-                 "options": dict(r.options)}
+                 "options": dict(r.options),
+                 **({} if r.activations is None else {"activations": dict(r.activations)})}
                 for r in self.rules
             ],
             "calibration": dict(self.calibration),
@@ -220,7 +233,27 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
                 registry.get(algo).resolve(opts, spec, where)
             except registry.OptionError as e:
                 raise RecipeError(str(e)) from None
-        rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items()))))
+        acts = r.get("activations")
+        if acts is not None:
+            if algo == KEEP_FP:
+                raise RecipeError(f"{where}.activations: a rule that keeps the layer fp "
+                                  "('none') quantizes no activations; remove the key")
+            if not isinstance(acts, dict):
+                raise RecipeError(f"{where}.activations: must be a mapping, got {acts!r}")
+            _unknown(acts, set(_ACT_KEYS), f"{where}.activations")
+            from jaxquant.nn.linear import ActQuant
+
+            try:
+                ActQuant(**{**_ACT_KEYS, **acts})
+            except (TypeError, ValueError) as e:
+                raise RecipeError(f"{where}.activations: {e}") from None
+            if acts.get("mode", "int") == "int" and spec is not None and (
+                    not spec.symmetric or spec.bits not in (4, 8)):
+                raise RecipeError(f"{where}.activations: mode 'int' multiplies integer codes and "
+                                  f"needs a symmetric 4- or 8-bit weight spec, got bits="
+                                  f"{spec.bits} symmetric={spec.symmetric}; use mode 'fake'")
+            acts = tuple(sorted(acts.items()))
+        rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items())), acts))
     calib = d.get("calibration") or {}
     _unknown(calib, _CALIB_KEYS, f"{source}: calibration")
     dac = _section(d, "dac", _DAC_KEYS, source)

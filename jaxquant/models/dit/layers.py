@@ -22,20 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.nn.linear import linear
-
-
-def get_path(tree: dict, path: str):
-    """The subtree at ``path`` (``"attn1/to_q"``) of a nested dict."""
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
+from jaxquant.models.blockspec import get_path
+from jaxquant.nn.linear import apply_linear
 
 
 def lin(p: dict, path: str, x: jax.Array) -> jax.Array:
-    """Apply the linear at ``path`` of ``p`` to ``x`` ``[..., in]`` -> ``[..., out]``."""
-    d = get_path(p, path)
-    return linear(x, d["kernel"], d.get("bias"))
+    """Apply the linear at ``path`` of ``p`` to ``x`` ``[..., in]`` -> ``[..., out]`` (dense or
+    QArray kernel, with its activation quantizer and input scale when it carries them)."""
+    return apply_linear(x, get_path(p, path))
 
 
 def layer_norm(x: jax.Array, eps: float, p: dict | None = None) -> jax.Array:

@@ -1,0 +1,147 @@
+"""The calibration engine on a diffusion transformer (DiT block spec, trajectory batches) and the
+W·A integer path of DiT linears.
+
+Claims: (1) the integer path (per-token int8/int4 activation codes times integer weight codes,
+XLA int8 GEMM and the Pallas TPU kernel in interpret mode) computes what the fake-quant path
+computes (dequantize both, multiply in float) on a whole quantized DiT; (2) GPTQ through the
+engine beats RTN on the DiT's output error on held-out trajectory inputs; (3) bad batches and
+recipes are refused, naming the field.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxquant import models
+from jaxquant.calibration.engine import calibrate
+from jaxquant.diffusion.calibration import trajectory_batch
+from jaxquant.diffusion.schedules import NoiseSchedule
+from jaxquant.diffusion.train_fmnist import SCHEDULER
+from jaxquant.kernels.dispatch import kernel_mode
+from jaxquant.models.dit.config import DiTConfig
+from jaxquant.models.dit.export import init_dit_params, save_dit_diffusers
+from jaxquant.models.dit.transformer import DiffusionTransformer
+from jaxquant.models.loading import adapter_for
+from jaxquant.nn.linear import ActQuant
+from jaxquant.recipes import RecipeError, load_recipe
+
+CFG = DiTConfig(kind="dit", num_heads=2, head_dim=32, in_channels=1, out_channels=1,
+                num_layers=2, sample_size=8, patch_size=2, num_classes=10,
+                num_train_timesteps=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinydit")
+    p = init_dit_params(CFG, jax.random.PRNGKey(0))
+    g = np.random.default_rng(1)  # adaLN-Zero starts at zero: give every path a signal
+    p = jax.tree.map(lambda a: np.asarray(a + g.normal(0, 0.05, a.shape), np.float32), p)
+    save_dit_diffusers(CFG, p, d)
+    m = models.load(d)
+    sched = NoiseSchedule.from_config(SCHEDULER)
+    calib = trajectory_batch(m.config, m.params, sched, n_per_class=2, steps=8, seed=0)
+    held = trajectory_batch(m.config, m.params, sched, n_per_class=1, steps=8, seed=1)
+    return m, calib, held
+
+
+def _recipe(algo, wbits, abits=None, mode="int"):
+    act = {} if abits is None else {"activations": {"bits": abits, "mode": mode}}
+    cond = {} if abits is None else {"activations": {"bits": 8, "mode": mode}}
+    return load_recipe({"name": f"{algo}_w{wbits}", "rules": [
+        {"pattern": r"layers/\d+/norm1/.*", "algorithm": "rtn",
+         "spec": {"bits": 8, "group_size": -1, "symmetric": True}, **cond},
+        {"pattern": r"layers/\d+/(attn1|ff)/.*", "algorithm": algo,
+         "spec": {"bits": wbits, "group_size": -1, "symmetric": True}, **act}],
+        "calibration": {"n_samples": 320, "seqlen": 1, "batch_size": 32}})
+
+
+def _out(m, params, held):
+    qm = DiffusionTransformer(m.config, params, m.path)
+    return np.asarray(qm(held["latents"], timestep=held["timesteps"],
+                         class_labels=held["class_labels"]))
+
+
+def _acts(tree):
+    if isinstance(tree, ActQuant):
+        return [tree]
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in _acts(v)]
+    if isinstance(tree, list):
+        return [a for v in tree for a in _acts(v)]
+    return []
+
+
+def _swap(tree, mode):
+    if isinstance(tree, dict):
+        return {k: (ActQuant(v.bits, v.clip_ratio, mode) if isinstance(v, ActQuant)
+                    else _swap(v, mode)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_swap(v, mode) for v in tree]
+    return tree
+
+
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4)])
+def test_integer_path_equals_fake_quant_path(tiny, wbits, abits):
+    m, calib, held = tiny
+    res = calibrate(adapter_for(m), _recipe("rtn", wbits, abits), calib, progress=False)
+    acts = _acts(res.params)
+    assert len(acts) == 2 * 9 and {a.bits for a in acts} == {8, abits}
+    fake = _out(m, _swap(res.params, "fake"), held)
+    integer = _out(m, res.params, held)  # XLA int8 GEMM on CPU
+    with kernel_mode("interpret", interpret_platform="tpu"):
+        pallas = _out(m, res.params, held)
+    fp = _out(m, m.params, held)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    # equal up to float summation order; a last-bit difference can flip one per-token rounding
+    # in a later layer, so the whole-model bound is relative to the quantization error itself
+    q_err = rel(fake, fp)
+    assert q_err > 1e-3  # quantization did something
+    assert rel(integer, fake) < max(1e-5, 0.02 * q_err), (rel(integer, fake), q_err)
+    assert rel(pallas, fake) < max(1e-5, 0.02 * q_err), (rel(pallas, fake), q_err)
+    # one linear alone: no rounding downstream, so the paths agree to float precision
+    bp = res.params["transformer_blocks"][0]["ff"]["net.0"]["proj"]
+    x = np.random.default_rng(0).standard_normal((64, CFG.hidden_size)).astype(np.float32)
+    from jaxquant.nn.linear import apply_linear
+
+    one_int = np.asarray(apply_linear(x, bp))
+    one_fake = np.asarray(apply_linear(x, _swap({"p": bp}, "fake")["p"]))
+    np.testing.assert_allclose(one_int, one_fake, atol=1e-5 * np.abs(one_fake).max(), rtol=0)
+
+
+def test_gptq_beats_rtn_on_the_dit_output(tiny):
+    m, calib, held = tiny
+    fp = _out(m, m.params, held)
+    errs = {}
+    for algo in ("rtn", "gptq"):
+        res = calibrate(adapter_for(m), _recipe(algo, 3), calib, progress=False)
+        errs[algo] = float(np.linalg.norm(_out(m, res.params, held) - fp) / np.linalg.norm(fp))
+    assert errs["gptq"] < 0.85 * errs["rtn"], errs
+
+
+def test_bad_dit_batches_and_recipes(tiny):
+    m, calib, _ = tiny
+    rec = _recipe("gptq", 8, 8)  # a recipe that needs data (RTN runs data-free)
+    bad = {k: v for k, v in calib.items() if k != "timesteps"}
+    with pytest.raises(ValueError, match="'timesteps'"):
+        calibrate(adapter_for(m), rec, bad, progress=False)
+    with pytest.raises(ValueError, match="'class_labels' must lie in"):
+        calibrate(adapter_for(m), rec, {**calib, "class_labels": calib["class_labels"] + 11},
+                  progress=False)
+    with pytest.raises(ValueError, match="'latents' must be"):
+        calibrate(adapter_for(m), rec, {**calib, "latents": calib["latents"][:, :, :7, :7]},
+                  progress=False)
+    with pytest.raises(ValueError, match="'timesteps' must lie in"):
+        calibrate(adapter_for(m), rec, {**calib, "timesteps": calib["timesteps"] - 5000},
+                  progress=False)
+    base = {"name": "x", "rules": [{"pattern": ".*", "algorithm": "rtn",
+                                    "spec": {"bits": 4, "symmetric": False}}]}
+    with pytest.raises(RecipeError, match="symmetric 4- or 8-bit"):
+        load_recipe({**base, "rules": [{**base["rules"][0], "activations": {"bits": 8}}]})
+    with pytest.raises(RecipeError, match=r"activations: unknown key\(s\) \['bitz'\]"):
+        load_recipe({**base, "rules": [{**base["rules"][0], "activations": {"bitz": 8}}]})
+    with pytest.raises(RecipeError, match=r"ActQuant\.bits must be 4 or 8"):
+        load_recipe({**base, "rules": [{**base["rules"][0],
+                                        "activations": {"bits": 6, "mode": "fake"}}]})
