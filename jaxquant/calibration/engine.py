@@ -128,6 +128,20 @@ def scale_columns(w, c):
 def fold_into_producer(bp: dict, producer: Producer, c) -> dict:
     """Multiply the producer's output channels by ``c`` (a norm's gain and bias, or a linear's
     kernel columns and bias), so the stage input becomes ``x ⊙ c``."""
+    if producer.kind == "modulation":  # LN(x)(1+scale)+shift, times c: scale' = c·scale + c − 1
+        n, i_shift, i_scale = producer.chunks
+        path = producer.paths[0]
+        node = get_path(bp, path)
+        c = jnp.asarray(c, jnp.float32)
+        d = c.shape[0]
+        full = jnp.ones((n * d,), jnp.float32)
+        full = full.at[i_shift * d:(i_shift + 1) * d].set(c).at[i_scale * d:(i_scale + 1) * d].set(c)
+        bp = set_path(bp, f"{path}/kernel", scale_columns(node["kernel"], full))
+        b = jnp.asarray(node["bias"], jnp.float32) if "bias" in node \
+            else jnp.zeros((n * d,), jnp.float32)
+        b = b * full
+        b = b.at[i_scale * d:(i_scale + 1) * d].add(c - 1.0)
+        return set_path(bp, f"{path}/bias", b)
     for path in producer.paths:
         node = get_path(bp, path)
         keys = ("scale", "bias") if producer.kind == "norm" else ("kernel", "bias")
@@ -346,6 +360,55 @@ def _apply_input_scale(recipe, b, stage: Stage, bp, state, st):
     return bp, state, S.rescale(st, s)
 
 
+def _apply_smoothing(recipe, b, stage: Stage, bp, state, st):
+    """SmoothQuant (recipe section ``smooth``) for a stage whose linears all quantize their
+    activations: ``s_j = max|X_j|^α / max|W_j|^(1−α)``; the weights' rows times ``s``, the input
+    divided by ``s`` -- folded into the stage's producer when it has one, else kept as the
+    linears' ``act_scale`` (divided at run time before the activation quantizer)."""
+    sm = recipe.smooth
+    if sm is None:
+        return bp, state, st
+    rules = [_rule_of(recipe, b, lin) for lin in stage.linears]
+    if any(r is None or r.act is None for r in rules):
+        return bp, state, st
+    from jaxquant.algorithms.smoothquant import smoothquant_scales
+
+    Ws = [get_path(bp, f"{lin}/kernel") for lin in stage.linears]
+    absmax = jnp.maximum(jnp.abs(st["max"]), jnp.abs(st["min"]))
+    s = smoothquant_scales(absmax, Ws, alpha=float(sm["alpha"]))
+    for lin in stage.linears:
+        bp = set_path(bp, f"{lin}/kernel", get_path(bp, f"{lin}/kernel") * s[:, None])
+    if stage.producer is not None:
+        bp = fold_into_producer(bp, stage.producer, 1.0 / s)
+        x = state[stage.input]
+        state = dict(state, **{stage.input: x / _last(s, x)})
+    else:  # the stage input keeps its fp value; each linear divides it by s itself
+        for lin in stage.linears:
+            bp = set_path(bp, f"{lin}/act_scale", s)
+    return bp, state, S.rescale(st, s)
+
+
+def _rotate_input(W, st, k: int):
+    """An online rotation ``x Q`` before a linear (its ActQuant ``rotate``): the weight becomes
+    ``Qᵀ W`` and the input statistics those of ``x Q``."""
+    from jaxquant.nn.linear import online_rotation
+
+    Q = jnp.asarray(online_rotation(W.shape[0], k), jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    st = dict(st)
+    if "H" in st:
+        st["H"] = jnp.matmul(Q.T, jnp.matmul(st["H"], Q, precision=hi), precision=hi)
+    if "H_groups" in st:
+        st["H_groups"] = jnp.einsum("ki,gkl,lj->gij", Q, st["H_groups"], Q, precision=hi)
+    for key in ("sum", "sum_ref"):
+        if key in st:
+            st[key] = jnp.matmul(st[key], Q, precision=hi)
+    if "tokens" in st:
+        st["tokens"] = jnp.matmul(st["tokens"], Q, precision=hi)
+    st.pop("max", None), st.pop("min", None)
+    return jnp.matmul(Q.T, W.astype(jnp.float32), precision=hi), st
+
+
 def _quantize_stage(recipe, b, stage: Stage, bp, state, st):
     """Quantize the stage's linears; returns ``(bp, state, reports)``."""
     reports = []
@@ -355,7 +418,8 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st):
     firsts = [r for r in rules.values() if r is not None]
     r0 = firsts[0] if firsts else None
     if (r0 is not None and len(stage.linears) > 1 and all(r is r0 for r in rules.values())
-            and registry.get(r0.algorithm).batchable and not r0.spec.per_tensor):
+            and registry.get(r0.algorithm).batchable and not r0.spec.per_tensor
+            and (r0.act is None or not r0.act.rotate)):
         t0 = time.perf_counter()
         Ws = [get_path(bp, f"{lin}/kernel") for lin in stage.linears]
         qa, extras = registry.get(r0.algorithm).quantize(jnp.concatenate(Ws, axis=-1), st,
@@ -371,17 +435,20 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st):
         algo = registry.get(r.algorithm)
         W = get_path(bp, f"{lin}/kernel")
         t0 = time.perf_counter()
+        st_l = st
+        if r.act is not None and r.act.rotate and lin not in done:
+            W, st_l = _rotate_input(W, st, r.act.rotate)
         if lin in done:
             qa, extras, secs = done[lin]
         else:
-            qa, extras = algo.quantize(W, st, r.spec, **r.opts)
+            qa, extras = algo.quantize(W, st_l, r.spec, **r.opts)
         W_hat = dequantize(qa, dtype=jnp.float32)
         c = extras.get("producer_scale")
         if c is not None:
             W_hat = c[:, None].astype(jnp.float32) * W_hat
         if not bool(jnp.all(jnp.isfinite(W_hat))):
             raise FloatingPointError(f"{path}: quantized weights are not finite; not writing them")
-        err = rel_error(W, W_hat, st.get("H"))
+        err = rel_error(W, W_hat, st_l.get("H"))
         bp = set_path(bp, f"{lin}/kernel", qa)
         if r.act is not None:  # the activation quantizer rides with the linear's params
             bp = set_path(bp, f"{lin}/act", r.act)
@@ -609,6 +676,8 @@ def _quantize_data_free(recipe, b, spec: BlockSpec, bp):
             continue
         t0 = time.perf_counter()
         W = get_path(bp, f"{lin}/kernel")
+        if r.act is not None and r.act.rotate:
+            W, _ = _rotate_input(W, {}, r.act.rotate)
         qa, _ = registry.get(r.algorithm).quantize(W, {}, r.spec, **r.opts)
         W_hat = dequantize(qa, dtype=jnp.float32)
         if not bool(jnp.all(jnp.isfinite(W_hat))):
@@ -673,6 +742,7 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
             reports.append(LayerReport(f"layers/{b}/{prod.paths[0]}", "dac", None,
                                        float(jnp.sqrt(jnp.mean(mu * mu)) / jnp.maximum(rms, 1e-30)),
                                        time.perf_counter() - t0))
+        bp, state, st = _apply_smoothing(recipe, b, stage, bp, state, st)
         bp, state, st = _apply_input_scale(recipe, b, stage, bp, state, st)
         bp, state, rep = _quantize_stage(recipe, b, stage, bp, state, st)
         reports.extend(rep)

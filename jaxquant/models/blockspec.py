@@ -37,11 +37,16 @@ StageFn = Callable[[Any, dict, dict], dict]
 @dataclasses.dataclass(frozen=True)
 class Producer:
     """What produces a stage's input, channel by channel: a ``norm`` (path of its params, with
-    ``scale`` and optional ``bias``) or ``linear`` paths (kernel ``[in, out]``, optional bias)."""
+    ``scale`` and optional ``bias``), ``linear`` paths (kernel ``[in, out]``, optional bias), or an
+    adaLN ``modulation`` (the linear at ``paths[0]`` whose output chunks are the shift and scale).
+    """
 
-    kind: Literal["norm", "linear"]
+    kind: Literal["norm", "linear", "modulation"]
     paths: tuple[str, ...]
     role: str = ""  # e.g. "gated_mlp": the up-projection of a gated MLP (DSQ folds into it)
+    # kind "modulation" (adaLN: h = LN(x) ⊙ (1 + scale) + shift, with shift and scale chunks of
+    # one linear's output): (number of chunks, shift chunk, scale chunk)
+    chunks: tuple[int, int, int] = ()
 
 
 @dataclasses.dataclass(frozen=True)

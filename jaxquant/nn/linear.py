@@ -9,14 +9,17 @@ kernels on TPU / GPU when their ``can_use_*`` predicates hold, else XLA dequanti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.core.activations import fake_quant_per_token
+from jaxquant.core.hadamard import block_hadamard, hadamard_orders_supported
 from jaxquant.core.qarray import QArray, dequantize
 from jaxquant.kernels.dispatch import can_use_int, int_quant_matmul, quant_matmul
 
@@ -36,14 +39,29 @@ class ActQuant:
     bits: int
     clip_ratio: float = 1.0
     mode: str = "int"
+    rotate: int = 0  # QuaRot's online rotation: x ↦ x Q (block-diagonal Hadamard of this order)
 
     def __post_init__(self):
+        if self.rotate and (not isinstance(self.rotate, int) or self.rotate < 0
+                            or not hadamard_orders_supported(self.rotate)):
+            raise ValueError(f"ActQuant.rotate must be 0 (off) or a Hadamard order jaxquant can "
+                             f"build, got {self.rotate!r}")
         if self.bits not in (4, 8):
             raise ValueError(f"ActQuant.bits must be 4 or 8, got {self.bits!r}")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"ActQuant.clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
         if self.mode not in ("int", "fake"):
             raise ValueError(f"ActQuant.mode must be 'int' or 'fake', got {self.mode!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def online_rotation(n: int, block: int) -> np.ndarray:
+    """The orthogonal ``[n, n]`` of an online rotation: block-diagonal randomized Hadamard of
+    order ``block`` (``block == n``: a full one), float32, seed 0."""
+    if n % block:
+        raise ValueError(f"online rotation: the Hadamard order {block} must divide the linear's "
+                         f"input width {n}")
+    return block_hadamard(n, block, seed=0).astype(np.float32)
 
 
 def apply_linear(x: jax.Array, p: dict, *, precision: Any = None) -> jax.Array:
@@ -53,7 +71,12 @@ def apply_linear(x: jax.Array, p: dict, *, precision: Any = None) -> jax.Array:
     if "act_scale" in p:
         s = p["act_scale"]
         x = x / bcast_last(s.astype(x.dtype), x.ndim)
-    return linear(x, p["kernel"], p.get("bias"), act=p.get("act"), precision=precision)
+    act = p.get("act")
+    if act is not None and act.rotate:  # the weight holds Qᵀ W (rotated offline)
+        Q = online_rotation(x.shape[-1], act.rotate)
+        x = jnp.matmul(x.astype(jnp.float32), jnp.asarray(Q),
+                       precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+    return linear(x, p["kernel"], p.get("bias"), act=act, precision=precision)
 
 
 def bcast_last(v: jax.Array, ndim: int) -> jax.Array:

@@ -27,8 +27,11 @@ from jaxquant.core.spec import QuantSpec
 KEEP_FP = "none"  # the algorithm name that keeps a layer in floating point
 _RULE_KEYS = {"pattern", "algorithm", "spec", "options", "activations"}
 # a rule's activation quantizer (jaxquant.nn.linear.ActQuant): dynamic per token, symmetric
-_ACT_KEYS = {"bits": 8, "clip_ratio": 1.0, "mode": "int"}
-_RECIPE_KEYS = {"name", "description", "rules", "calibration", "reference", "dac", "rotation"}
+_ACT_KEYS = {"bits": 8, "clip_ratio": 1.0, "mode": "int", "rotate": 0}
+_RECIPE_KEYS = {"name", "description", "rules", "calibration", "reference", "dac", "rotation",
+                "smooth"}
+# SmoothQuant on every stage whose linears all quantize their activations (migration strength α)
+_SMOOTH_KEYS = {"alpha": 0.5}
 # a residual rotation folded into the fp weights before calibration (jaxquant.models.rotation)
 _ROTATION_KEYS = {"kind": "block_hadamard", "block": 64, "seed": 0}
 # the fp reference stream a recipe may ask for (one more forward per block): the fp model's own
@@ -89,6 +92,14 @@ class Recipe:
     reference_stream: str | None = None
     dac_options: tuple[tuple[str, Any], ...] | None = None  # None: no DAC
     rotation_options: tuple[tuple[str, Any], ...] | None = None  # None: no rotation
+    smooth_options: tuple[tuple[str, Any], ...] | None = None  # None: no SmoothQuant
+
+    @property
+    def smooth(self) -> dict | None:
+        """SmoothQuant settings (``alpha``) or None."""
+        if self.smooth_options is None:
+            return None
+        return {**_SMOOTH_KEYS, **dict(self.smooth_options)}
 
     @property
     def rotation(self) -> dict | None:
@@ -154,6 +165,7 @@ class Recipe:
             "dac": None if self.dac_options is None else
             {k: list(v) if isinstance(v, tuple) else v for k, v in self.dac_options},
             **({} if self.rotation_options is None else {"rotation": self.rotation}),
+            **({} if self.smooth_options is None else {"smooth": self.smooth}),
         }
 
     def with_calib(self, **kw) -> Recipe:
@@ -167,7 +179,7 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        return self.reference is not None or any(
+        return self.reference is not None or self.smooth is not None or any(
             r.algorithm != KEEP_FP and registry.get(r.algorithm).needs for r in self.rules)
 
 
@@ -297,6 +309,16 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
         except (TypeError, ValueError) as e:
             raise RecipeError(f"{source}: {e}") from None
         rot_opts = tuple(sorted(rot.items()))
+    sm = _section(d, "smooth", _SMOOTH_KEYS, source)
+    sm_opts = None
+    if sm is not None:
+        a = sm.get("alpha", _SMOOTH_KEYS["alpha"])
+        if not isinstance(a, int | float) or not 0.0 <= a <= 1.0:
+            raise RecipeError(f"{source}: smooth.alpha must be a number in [0, 1], got {a!r}")
+        if not any(r.activations is not None for r in rules):
+            raise RecipeError(f"{source}: 'smooth' migrates activation outliers into weights, but "
+                              "no rule quantizes activations (add an 'activations' key)")
+        sm_opts = tuple(sorted(sm.items()))
     for i, r in enumerate(rules):
         reads_ref = r.algorithm != KEEP_FP and "cross" in registry.get(r.algorithm).needs
         if reads_ref and (ref or (dict(dac_opts)["reference"] if dac_opts else None)) is None:
@@ -306,7 +328,7 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
                 "'reference: fp_prefix' (the fp model's own activations)")
     return Recipe(d.get("name", os.path.basename(source)), tuple(rules),
                   tuple(sorted(calib.items())), d.get("description", ""), source,
-                  ref, dac_opts, rot_opts)
+                  ref, dac_opts, rot_opts, sm_opts)
 
 
 def load_recipe(name_or_path: str | os.PathLike | dict) -> Recipe:

@@ -145,3 +145,61 @@ def test_bad_dit_batches_and_recipes(tiny):
     with pytest.raises(RecipeError, match=r"ActQuant\.bits must be 4 or 8"):
         load_recipe({**base, "rules": [{**base["rules"][0],
                                         "activations": {"bits": 6, "mode": "fake"}}]})
+
+
+def test_smoothing_folds_leave_the_fp_block_unchanged(tiny):
+    """SmoothQuant's exact folds on a DiT block: 1/s into the adaLN modulation's shift and scale
+    chunks (before attention and before the MLP) and into to_v's columns (before to_out), s into
+    the readers' rows: the fp block computes the same function (an algebraic identity)."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration.engine import fold_into_producer
+    from jaxquant.models.blockspec import get_path, set_path
+    from jaxquant.models.dit.model import block_params, dit_block_apply
+    from jaxquant.models.dit.spec import dit_block_spec
+
+    m, calib, _ = tiny
+    spec = dit_block_spec(m.config)
+    bp = jax.tree.map(jnp.asarray, block_params(m.params, 0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, CFG.hidden_size)),
+                    jnp.float32)
+    t, y = jnp.asarray([5.0, 300.0, 600.0, 999.0]), jnp.asarray([0, 3, 9, 10])
+    ref = np.asarray(dit_block_apply(m.config, bp, x, t, y))
+    g = np.random.default_rng(2)
+    for stage in spec.stages:
+        if stage.producer is None:
+            continue
+        s = jnp.asarray(g.uniform(0.3, 3.0, CFG.hidden_size), jnp.float32)
+        bp = fold_into_producer(bp, stage.producer, 1.0 / s)
+        for lin in stage.linears:
+            bp = set_path(bp, f"{lin}/kernel", get_path(bp, f"{lin}/kernel") * s[:, None])
+    assert {st.name for st in spec.stages if st.producer} == {"attn_in", "attn_out", "mlp_in"}
+    out = np.asarray(dit_block_apply(m.config, bp, x, t, y))
+    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_online_hadamard_spreads_outliers_for_w4a4():
+    """QuaRot's claim on one linear: with a few outlier input channels, rotating the input online
+    (x Q, weight Qᵀ W quantized) gives a smaller W4A4 output error than quantizing as is."""
+    import jax.numpy as jnp
+
+    from jaxquant.algorithms.rtn import rtn as rtn_quantize
+    from jaxquant.core.spec import QuantSpec
+    from jaxquant.nn.linear import apply_linear, online_rotation
+
+    g = np.random.default_rng(0)
+    k, n = 128, 64
+    x = g.standard_normal((256, k)).astype(np.float32)
+    x[:, [3, 77]] *= 40.0  # outlier channels
+    W = g.standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
+    Q = online_rotation(k, k)
+    np.testing.assert_allclose(Q @ Q.T, np.eye(k), atol=1e-5)
+    spec = QuantSpec(bits=4, group_size=-1, symmetric=True)
+    exact = x @ W
+    errs = {}
+    for rot in (0, k):
+        Wr = Q.T @ W if rot else W
+        p = {"kernel": rtn_quantize(jnp.asarray(Wr), spec),
+             "act": ActQuant(4, mode="fake", rotate=rot)}
+        errs[rot] = float(np.linalg.norm(np.asarray(apply_linear(jnp.asarray(x), p)) - exact))
+    assert errs[k] < 0.75 * errs[0], errs

@@ -12,6 +12,10 @@ Stages, in true-sequential order (each linear reads ``state[input]``)::
     mlp_out  [ff/net.2]                              reads a    = gelu(net.0)
     finish                                           x + g'·net.2(a)
 
+Producers (for exact folds: SmoothQuant's 1/s, AWQ's scales): the adaLN modulation ``norm1/linear``
+(chunks shift/scale 0/1 before attention, 3/4 before the MLP) and ``to_v`` for ``to_out.0``; the
+conditioning linears and ``ff/net.2`` have none (SmoothQuant keeps ``act_scale`` there).
+
 The first three stages are the block's conditioning path (per sample, not per token): recipes give
 them their own rules (by default 8-bit). The batch is a pytree of per-sample fields: ``latents``
 ``[n, C, H, W]`` (the sampler's ``x_t``), ``timesteps`` ``[n]``, ``class_labels`` ``[n]``, and
@@ -28,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.models.blockspec import BlockSpec, Stage
+from jaxquant.models.blockspec import BlockSpec, Producer, Stage
 from jaxquant.models.dit.config import DiTConfig
 from jaxquant.models.dit.layers import (
     attention,
@@ -101,9 +105,11 @@ def dit_block_spec(cfg: DiTConfig) -> BlockSpec:
             Stage("t_in", (T1,), "tsin", t_in),
             Stage("t_out", (T2,), "th", t_out),
             Stage("ada", (ADA,), "c", ada),
-            Stage("attn_in", ATTN1[:3], "h", attn_in),
-            Stage("attn_out", ATTN1[3:], "ctx", attn_out),
-            Stage("mlp_in", FF[:1], "h", mlp_in),
+            Stage("attn_in", ATTN1[:3], "h", attn_in, Producer("modulation", (ADA,),
+                                                               chunks=(6, 0, 1))),
+            Stage("attn_out", ATTN1[3:], "ctx", attn_out, Producer("linear", (ATTN1[2],))),
+            Stage("mlp_in", FF[:1], "h", mlp_in, Producer("modulation", (ADA,),
+                                                          chunks=(6, 3, 4))),
             Stage("mlp_out", FF[1:], "a", mlp_out),
         ),
         finish=finish,
