@@ -31,7 +31,7 @@ def sample_dit(cfg, params, schedule: NoiseSchedule, labels, *, steps: int = 50,
                guidance: float = 1.5, seed: int = 0, x_T=None, return_trajectory: bool = False):
     """DDIM samples ``[B, C, H, W]`` of a class-conditional DiT for ``labels`` ``[B]`` from the
     noise of ``seed`` (or ``x_T``): the same call for an fp and a quantized ``params``."""
-    labels = jnp.asarray(np.asarray(labels, np.int32))
+    labels = jnp.asarray(labels).astype(jnp.int32)
     b = labels.shape[0]
     shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     if x_T is None:

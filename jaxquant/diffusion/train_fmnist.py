@@ -63,6 +63,7 @@ def train_dit(images: np.ndarray, labels: np.ndarray, *, cfg: DiTConfig = FMNIST
     from jaxquant.models.dit.export import init_dit_params
     from jaxquant.models.dit.model import dit_forward
 
+    warmup = min(warmup, max(1, steps // 10))
     sched = NoiseSchedule.from_config(SCHEDULER)
     abar = jnp.asarray(sched.alphas_cumprod(), jnp.float32)
     params = jax.tree.map(jnp.asarray, init_dit_params(cfg, jax.random.PRNGKey(seed)))

@@ -39,13 +39,15 @@ class ActQuant:
     bits: int
     clip_ratio: float = 1.0
     mode: str = "int"
-    rotate: int = 0  # QuaRot's online rotation: x ↦ x Q (block-diagonal Hadamard of this order)
+    # QuaRot's online rotation x ↦ x Q: a block-diagonal Hadamard of this order (-1: one of the
+    # linear's whole input width; 0: none)
+    rotate: int = 0
 
     def __post_init__(self):
-        if self.rotate and (not isinstance(self.rotate, int) or self.rotate < 0
-                            or not hadamard_orders_supported(self.rotate)):
-            raise ValueError(f"ActQuant.rotate must be 0 (off) or a Hadamard order jaxquant can "
-                             f"build, got {self.rotate!r}")
+        if self.rotate not in (0, -1) and (not isinstance(self.rotate, int) or self.rotate < 0
+                                           or not hadamard_orders_supported(self.rotate)):
+            raise ValueError(f"ActQuant.rotate must be 0 (off), -1 (the input width) or a "
+                             f"Hadamard order jaxquant can build, got {self.rotate!r}")
         if self.bits not in (4, 8):
             raise ValueError(f"ActQuant.bits must be 4 or 8, got {self.bits!r}")
         if not 0.0 < self.clip_ratio <= 1.0:
@@ -58,9 +60,10 @@ class ActQuant:
 def online_rotation(n: int, block: int) -> np.ndarray:
     """The orthogonal ``[n, n]`` of an online rotation: block-diagonal randomized Hadamard of
     order ``block`` (``block == n``: a full one), float32, seed 0."""
-    if n % block:
+    block = n if block == -1 else block
+    if n % block or not hadamard_orders_supported(block):
         raise ValueError(f"online rotation: the Hadamard order {block} must divide the linear's "
-                         f"input width {n}")
+                         f"input width {n} and be one jaxquant can build")
     return block_hadamard(n, block, seed=0).astype(np.float32)
 
 

@@ -1,0 +1,155 @@
+"""The trained Fashion-MNIST DiT under every DiT baseline recipe (RTN, SmoothQuant, QuaRot, GPTQ at
+W8A8, W4A8, W4A4): samples from the same noise and classes as the fp model, scored by
+
+* MSE and PSNR against the fp model's samples (pixel range [-1, 1], data range 2),
+* the classifier's accuracy on the class-conditional samples (did it draw the asked class?),
+* the Fréchet distance of the classifier's penultimate features to the real test images,
+
+plus calibration seconds and the quantized model's parameter bytes. Writes
+``benchmarks/results/dit_baselines_<date>.json``, a sample grid PNG beside it, and prints a table.
+
+    .venv/bin/python -m jaxquant.diffusion.train_fmnist          # once: the DiT and classifier
+    JAXQUANT_DATA=../shared/data .venv/bin/python benchmarks/bench_dit.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("rtn", "smoothquant", "quarot", "gptq")
+WIDTHS = ("w8a8", "w4a8", "w4a4")
+
+
+def param_bytes(tree) -> int:
+    from jaxquant.core.qarray import QArray
+
+    leaves = jax.tree.leaves(tree, is_leaf=lambda a: isinstance(a, QArray))
+    return int(sum(a.nbytes if isinstance(a, QArray) else np.asarray(a).nbytes
+                   for a in leaves))
+
+
+def main() -> None:
+    from jaxquant import models
+    from jaxquant.calibration.engine import calibrate
+    from jaxquant.data.images import fashion_mnist
+    from jaxquant.diffusion.calibration import sample_dit, trajectory_batch
+    from jaxquant.diffusion.schedules import NoiseSchedule
+    from jaxquant.diffusion.train_fmnist import default_dir
+    from jaxquant.eval.classifier import load_classifier, make_apply, to_unit_range
+    from jaxquant.eval.images import feature_stats, frechet_distance, psnr, sample_mse
+    from jaxquant.models.loading import adapter_for
+    from jaxquant.recipes import load_recipe
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=default_dir())
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--widths", default=",".join(WIDTHS))
+    ap.add_argument("--per-class", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(HERE, "results", f"dit_baselines_{date}.json")
+
+    m = models.load(os.path.join(args.model, "transformer"))
+    cfg = m.config
+    with open(os.path.join(args.model, "scheduler", "scheduler_config.json")) as f:
+        sched = NoiseSchedule.from_config(json.load(f))
+    cparams, cmeta = load_classifier(os.path.join(args.model, "classifier"))
+    logits_fn, feat_fn = make_apply(cparams), make_apply(cparams, features=True)
+    xte, _ = fashion_mnist("test")
+    mu_r, S_r = feature_stats(feat_fn(to_unit_range(xte)))
+    labels = np.repeat(np.arange(cfg.num_classes), args.per_class)
+    x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(args.seed),
+                                       (len(labels), cfg.in_channels, cfg.sample_size,
+                                        cfg.sample_size)))
+
+    def draw(params):
+        t0 = time.perf_counter()
+        outs = []
+        for i in range(0, len(labels), 100):
+            f = jax.jit(lambda xt, y: sample_dit(cfg, params, sched, y, steps=args.steps,
+                                                 guidance=args.guidance, x_T=xt))
+            outs.append(np.asarray(f(x_T[i:i + 100], labels[i:i + 100])))
+        return np.clip(np.concatenate(outs), -1.0, 1.0), time.perf_counter() - t0
+
+    def score(samples, ref):
+        acc = float(np.mean(np.argmax(logits_fn(samples), -1) == labels))
+        mu, S = feature_stats(feat_fn(samples))
+        row = {"acc": acc, "fd": float(frechet_distance(mu, S, mu_r, S_r))}
+        if ref is not None:
+            row |= {"mse": float(sample_mse(samples, ref)),
+                    "psnr": float(psnr(samples, ref, data_range=2.0))}
+        return row
+
+    fp_s, fp_secs = draw(m.params)
+    rows = [{"method": "fp", "width": "fp32", **score(fp_s, None), "calib_seconds": 0.0,
+             "sample_seconds": round(fp_secs, 1), "param_bytes": param_bytes(m.params)}]
+    print(f"fp: {rows[-1]}", flush=True)
+    grid = {"fp": fp_s}
+    calib = trajectory_batch(cfg, m.params, sched, n_per_class=4, steps=args.steps,
+                             guidance=args.guidance, seed=args.seed + 1)
+    for meth in args.methods.split(","):
+        for w in args.widths.split(","):
+            recipe = load_recipe(f"dit_{meth}_{w}")
+            t0 = time.perf_counter()
+            res = calibrate(adapter_for(m), recipe, calib, progress=False)
+            secs = time.perf_counter() - t0
+            s, ssecs = draw(res.params)
+            rows.append({"method": meth, "width": w, **score(s, fp_s),
+                         "calib_seconds": round(secs, 1), "sample_seconds": round(ssecs, 1),
+                         "param_bytes": param_bytes(res.params)})
+            grid[f"{meth} {w}"] = s
+            print(f"{meth} {w}: {rows[-1]}", flush=True)
+            with open(out, "w") as f:
+                json.dump({"date": date, "model": args.model, "classifier": cmeta,
+                           "per_class": args.per_class, "steps": args.steps,
+                           "guidance": args.guidance, "seed": args.seed, "rows": rows}, f,
+                          indent=1)
+            del res
+    plot_grid(grid, labels, os.path.splitext(out)[0] + ".png")
+    print("| method | width | PSNR vs fp (dB) | MSE vs fp | class acc | FD | calib s | "
+          "params MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['width']} | {r.get('psnr', float('inf')):.2f} | "
+              f"{r.get('mse', 0.0):.5f} | {r['acc']:.3f} | {r['fd']:.2f} | "
+              f"{r['calib_seconds']} | {r['param_bytes'] / 2**20:.2f} |")
+
+
+def plot_grid(grid: dict, labels: np.ndarray, path: str) -> None:
+    """One row per model, one column per class (the first sample of each class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted(set(labels.tolist()))
+    idx = [int(np.argmax(labels == c)) for c in classes]
+    fig, axes = plt.subplots(len(grid), len(classes),
+                             figsize=(len(classes) * 0.9, len(grid) * 0.95))
+    for r, (name, s) in enumerate(grid.items()):
+        for c, i in enumerate(idx):
+            ax = axes[r, c]
+            ax.imshow(s[i, 0], cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle("Fashion-MNIST DiT: same noise, same classes", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
