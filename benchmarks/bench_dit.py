@@ -45,6 +45,7 @@ def main() -> None:
     from jaxquant.diffusion.train_fmnist import default_dir
     from jaxquant.eval.classifier import load_classifier, make_apply, to_unit_range
     from jaxquant.eval.images import feature_stats, frechet_distance, psnr, sample_mse
+    from jaxquant.models.dit.model import dit_forward
     from jaxquant.models.loading import adapter_for
     from jaxquant.recipes import load_recipe
 
@@ -99,6 +100,14 @@ def main() -> None:
     grid = {"fp": fp_s}
     calib = trajectory_batch(cfg, m.params, sched, n_per_class=4, steps=args.steps,
                              guidance=args.guidance, seed=args.seed + 1)
+    held = trajectory_batch(cfg, m.params, sched, n_per_class=1, steps=5,
+                            guidance=args.guidance, seed=args.seed + 2)
+
+    def fwd(params):
+        return np.asarray(dit_forward(cfg, params, held["latents"], held["timesteps"],
+                                      held["class_labels"]))
+
+    out_fp = fwd(m.params)
     for meth in args.methods.split(","):
         for w in args.widths.split(","):
             recipe = load_recipe(f"dit_{meth}_{w}")
@@ -106,9 +115,15 @@ def main() -> None:
             res = calibrate(adapter_for(m), recipe, calib, progress=False)
             secs = time.perf_counter() - t0
             s, ssecs = draw(res.params)
+            # the integer path (int8 GEMM) against the fake-quant path on held-out inputs
+            out_int = fwd(res.params)
+            out_fake = fwd(with_act_mode(res.params, "fake"))
+            int_vs_fake = float(np.linalg.norm(out_int - out_fake) / np.linalg.norm(out_fake))
+            q_err = float(np.linalg.norm(out_fake - out_fp) / np.linalg.norm(out_fp))
             rows.append({"method": meth, "width": w, **score(s, fp_s),
                          "calib_seconds": round(secs, 1), "sample_seconds": round(ssecs, 1),
-                         "param_bytes": param_bytes(res.params)})
+                         "param_bytes": param_bytes(res.params),
+                         "eps_rel_err_vs_fp": q_err, "int_vs_fake_rel_diff": int_vs_fake})
             grid[f"{meth} {w}"] = s
             print(f"{meth} {w}: {rows[-1]}", flush=True)
             with open(out, "w") as f:
@@ -118,13 +133,27 @@ def main() -> None:
                           indent=1)
             del res
     plot_grid(grid, labels, os.path.splitext(out)[0] + ".png")
-    print("| method | width | PSNR vs fp (dB) | MSE vs fp | class acc | FD | calib s | "
-          "params MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | width | PSNR vs fp (dB) | MSE vs fp | class acc | FD | ε rel. err | "
+          "int vs fake | calib s | params MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['width']} | {r.get('psnr', float('inf')):.2f} | "
               f"{r.get('mse', 0.0):.5f} | {r['acc']:.3f} | {r['fd']:.2f} | "
+              f"{r.get('eps_rel_err_vs_fp', 0.0):.4f} | {r.get('int_vs_fake_rel_diff', 0.0):.1e} | "
               f"{r['calib_seconds']} | {r['param_bytes'] / 2**20:.2f} |")
+
+
+def with_act_mode(tree, mode: str):
+    """``tree`` with every linear's ActQuant switched to ``mode`` ("int" / "fake")."""
+    from jaxquant.nn.linear import ActQuant
+
+    if isinstance(tree, ActQuant):
+        return ActQuant(tree.bits, tree.clip_ratio, mode, tree.rotate)
+    if isinstance(tree, dict):
+        return {k: with_act_mode(v, mode) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [with_act_mode(v, mode) for v in tree]
+    return tree
 
 
 def plot_grid(grid: dict, labels: np.ndarray, path: str) -> None:
