@@ -82,6 +82,10 @@ def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = 
     from jaxquant.recipes import Recipe, load_recipe
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    dit_model = _as_dit(model)
+    if dit_model is not None:
+        return _quantize_dit(dit_model, rec, calib, out, resume=resume, mesh=mesh,
+                             progress=progress)
     if isinstance(model, LoadedModel):
         src_path = model.path
         tok_cache = [model.tokenizer] if "tokenizer" in model.__dict__ else []
@@ -148,3 +152,73 @@ def evaluate(model: LoadedModel | str | os.PathLike, data: Any = "wikitext2", wi
                          vocab_size=m.config.vocab_size, mesh=mesh, progress=progress)
     return {**r, "windows": int(w.shape[0]), "seqlen": int(w.shape[1]),
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ---------------------------------------------------------------------------- diffusion transformers
+def _as_dit(model):
+    """The loaded DiT when ``model`` is one (or a diffusers directory holding one), else None."""
+    from jaxquant.models import dit
+
+    if isinstance(model, dit.DiffusionTransformer):
+        return model
+    if isinstance(model, str | os.PathLike):
+        p = os.fspath(model)
+        for d in (p, os.path.join(p, "transformer")):
+            cfg = os.path.join(d, "config.json")
+            if os.path.isfile(cfg):
+                import json
+
+                with open(cfg) as f:
+                    if "_class_name" in json.load(f):
+                        return dit.load_diffusers(p)
+    return None
+
+
+def _scheduler_config(path: str) -> str | None:
+    for d in (path, os.path.dirname(os.path.normpath(path))):
+        f = os.path.join(d, "scheduler", "scheduler_config.json")
+        if os.path.isfile(f):
+            return f
+    return None
+
+
+def _quantize_dit(m, rec, calib, out, *, resume, mesh, progress):
+    """:func:`quantize_model` for a class-conditional DiT: ``calib`` is ``"trajectories"`` (the
+    default: model inputs along fp DDIM trajectories with the pipeline's scheduler) or a dict of
+    batch fields; ``out`` gets the quantized params, ``jaxquant.json`` and the scheduler config."""
+    import json
+    import shutil
+
+    from jaxquant.calibration.engine import calibrate, clear_progress
+    from jaxquant.models.dit.transformer import DiffusionTransformer
+    from jaxquant.models.loading import adapter_for
+    from jaxquant.models.quantized import save_quantized
+
+    sched_file = _scheduler_config(m.path)
+    if isinstance(calib, str) and calib in ("wikitext2", "trajectories"):
+        if sched_file is None:
+            raise FileNotFoundError(f"{m.path}: calibrating a DiT on its own trajectories needs "
+                                    "scheduler/scheduler_config.json beside the transformer; "
+                                    "or pass calib as a dict of batch fields")
+        from jaxquant.diffusion.calibration import trajectory_batch
+        from jaxquant.diffusion.schedules import NoiseSchedule
+
+        with open(sched_file) as f:
+            sched = NoiseSchedule.from_config(json.load(f), ignore_unknown=True)
+        n = int(rec.calib["n_samples"])
+        steps = 25
+        per_class = max(1, -(-n // (2 * steps * m.config.num_classes)))
+        calib = trajectory_batch(m.config, m.params, sched, n_per_class=per_class, steps=steps,
+                                 seed=int(rec.calib["seed"]))
+    data = calib if rec.needs_data else None
+    res = calibrate(adapter_for(m), rec, data, out_dir=out, resume=resume, mesh=mesh,
+                    progress=progress)
+    qm = DiffusionTransformer(m.config, res.params, os.fspath(out) if out else m.path)
+    qm.calibration = res
+    if out is not None:
+        save_quantized(out, m.config, res.params, recipe=rec.to_dict(), source=m.path)
+        if sched_file is not None:
+            os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+            shutil.copy(sched_file, os.path.join(out, "scheduler", "scheduler_config.json"))
+        clear_progress(out)
+    return qm

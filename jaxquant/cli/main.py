@@ -125,7 +125,9 @@ def cmd_sample(args) -> dict:
     from jaxquant.models.loading import adapter_for
     from jaxquant.recipes import load_recipe
 
-    m = dit.load_diffusers(args.model)
+    from jaxquant.models.quantized import is_quantized_dir
+
+    m = _load(args.model) if is_quantized_dir(args.model) else dit.load_diffusers(args.model)
     cfg = m.config
     if cfg.kind != "dit":
         raise ValueError(f"{args.model}: 'sample' draws class-conditional DiT samples; this is a "
@@ -178,7 +180,8 @@ def _save_grid(samples: np.ndarray, n_cols: int, path: str) -> None:
     per = len(samples) // n_cols
     img = np.clip((samples + 1.0) / 2.0, 0.0, 1.0)
     _, c, h, w = img.shape
-    grid = img.reshape(n_cols, per, c, h, w).transpose(1, 3, 0, 4, 2).reshape(per * h, n_cols * w, c)
+    grid = img.reshape(n_cols, per, c, h, w).transpose(1, 3, 0, 4, 2)
+    grid = grid.reshape(per * h, n_cols * w, c)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     plt.imsave(path, grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None)
 

@@ -136,6 +136,10 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
 
     if os.path.isdir(path) and is_quantized_dir(path):
         cfg, params, _ = load_quantized(path)
+        if not isinstance(cfg, DecoderConfig):  # a quantized diffusion transformer
+            from jaxquant.models.dit.transformer import DiffusionTransformer
+
+            return DiffusionTransformer(cfg, params, os.fspath(path))
         return LoadedModel(cfg, params, os.fspath(path), "jaxquant")
     if _is_diffusers_dir(path):  # a diffusers model (config.json with _class_name): DiT / PixArt
         from jaxquant.models import dit

@@ -35,6 +35,10 @@ def tree_spec(tree: Any) -> Any:
             "spec": dataclasses.asdict(tree.spec), "in_features": tree.in_features,
             "dtype": tree.dtype, "packed": _leaf(tree.packed), "scale": _leaf(tree.scale),
             "zero": None if tree.zero is None else _leaf(tree.zero)}}
+    from jaxquant.nn.linear import ActQuant
+
+    if isinstance(tree, ActQuant):  # a static node: no arrays, only its settings
+        return {"__act__": dataclasses.asdict(tree)}
     if isinstance(tree, dict):
         return {"__dict__": {k: tree_spec(v) for k, v in tree.items()}}
     if isinstance(tree, list | tuple):
@@ -58,6 +62,10 @@ def abstract_tree(spec: Any) -> Any:
         return QArray(_sds(q["packed"]), _sds(q["scale"]),
                       None if q["zero"] is None else _sds(q["zero"]),
                       QuantSpec(**q["spec"]), q["in_features"], q["dtype"])
+    if "__act__" in spec:
+        from jaxquant.nn.linear import ActQuant
+
+        return ActQuant(**spec["__act__"])
     if "__dict__" in spec:
         return {k: abstract_tree(v) for k, v in spec["__dict__"].items()}
     if "__list__" in spec:
@@ -99,6 +107,10 @@ def config_to_dict(cfg) -> dict:
 
 def config_from_dict(d: dict):
     d = dict(d)
+    if d.get("kind") in ("dit", "pixart"):
+        from jaxquant.models.dit.config import DiTConfig
+
+        return DiTConfig(**d)
     d["rope"] = RopeConfig(**d["rope"])
     if isinstance(d.get("eos_token_id"), list):
         d["eos_token_id"] = tuple(d["eos_token_id"])
