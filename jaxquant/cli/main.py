@@ -123,9 +123,8 @@ def cmd_sample(args) -> dict:
     from jaxquant.diffusion.schedules import NoiseSchedule
     from jaxquant.models import dit
     from jaxquant.models.loading import adapter_for
-    from jaxquant.recipes import load_recipe
-
     from jaxquant.models.quantized import is_quantized_dir
+    from jaxquant.recipes import load_recipe
 
     m = _load(args.model) if is_quantized_dir(args.model) else dit.load_diffusers(args.model)
     cfg = m.config
