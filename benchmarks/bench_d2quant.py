@@ -182,7 +182,7 @@ def main() -> None:
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
             with open(out, "w") as f:  # partial results survive an interruption
                 json.dump({"date": date, "rows": rows}, f, indent=1)
-    plot(rows, os.path.join(os.path.dirname(out), "d2quant.png"))
+    plot(rows, os.path.splitext(out)[0] + ".png")  # the plot beside its JSON
     print(table(rows))
 
 
