@@ -170,18 +170,31 @@ def family_of(model_type: str):
     return _FAMILIES[model_type]
 
 
-def adapter_for(model):
+def adapter_for(model, *, part: str | None = None):
     """The calibration adapter of ``model``: a path (streamed from the checkpoint, one block at a
-    time) or a :class:`LoadedModel` in memory (fp, not already quantized)."""
+    time) or a :class:`LoadedModel` in memory (fp, not already quantized).
+
+    ``part`` (Flux only): ``"double"`` (the default) or ``"single"``, the stack of blocks to
+    calibrate (see :mod:`jaxquant.models.dit.spec_flux`)."""
     from jaxquant.models import dit
 
     if isinstance(model, dit.DiffusionTransformer):
-        if model.config.kind != "dit":
-            raise NotImplementedError(f"{model.path}: calibration of a {model.config.kind!r} "
-                                      "transformer has no block spec yet (DiT only)")
+        kind = model.config.kind
+        if kind == "flux":
+            from jaxquant.models.dit.spec_flux import FluxAdapter
+
+            return FluxAdapter(model, part=part or "double")
+        if part is not None:
+            raise ValueError(f"adapter_for: part={part!r} is for a Flux transformer only")
+        if kind == "pixart":
+            from jaxquant.models.dit.spec_pixart import PixArtAdapter
+
+            return PixArtAdapter(model)
         from jaxquant.models.dit.spec import DiTAdapter
 
         return DiTAdapter(model)
+    if part is not None:
+        raise ValueError(f"adapter_for: part={part!r} is for a Flux transformer only")
     if isinstance(model, LoadedModel):
         if model.quantized:
             raise ValueError(f"{model.path}: this model is already quantized; calibrate its fp "
