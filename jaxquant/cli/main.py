@@ -45,6 +45,10 @@ def cmd_eval(args) -> dict:
 
     t0 = time.perf_counter()
     m = _load(args.model)
+    from jaxquant.models.dit import DiffusionTransformer
+
+    if isinstance(m, DiffusionTransformer):
+        return _eval_dit(args, m)
     mesh = _data_mesh(args.data_parallel)
     r = jq.evaluate(m, args.data, args.windows, seqlen=args.seqlen, batch_size=args.batch_size,
                     mesh=mesh)
@@ -54,6 +58,38 @@ def cmd_eval(args) -> dict:
                   ("tokens", str(r["tokens"])), ("ppl", f"{r['ppl']:.4f}"),
                   ("seconds", f"{out['seconds']:.1f}")]))
     return out
+
+
+def _eval_dit(args, m) -> dict:
+    """``jaxquant eval`` of a quantized DiT: against its fp source (``--reference``, default: the
+    source recorded in its ``jaxquant.json``), same noise and classes."""
+    from jaxquant.eval.dit import evaluate_dit
+    from jaxquant.models import dit
+
+    ref_path = args.reference
+    if ref_path is None:
+        meta = os.path.join(args.model, "jaxquant.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                ref_path = json.load(f).get("source")
+    if ref_path is None:
+        raise ValueError(f"{args.model}: a DiT is evaluated against its fp model; pass --reference")
+    ref = dit.load_diffusers(ref_path)
+    cdir = args.classifier
+    if cdir is None:
+        guesses = [os.path.join(d, "classifier") for d in
+                   (ref_path, os.path.dirname(os.path.normpath(ref_path)))]
+        cdir = next((g for g in guesses if os.path.isfile(os.path.join(g, "classifier.json"))),
+                    None)
+    r = evaluate_dit(m, ref, classifier_dir=cdir, per_class=args.per_class, steps=args.steps,
+                     seed=args.seed)
+    rows = [("model", args.model), ("reference", ref_path), ("samples", str(r["samples"])),
+            ("PSNR vs fp", f"{r['psnr']:.2f} dB"), ("MSE vs fp", f"{r['mse']:.6f}")]
+    if "acc" in r:
+        rows += [("class accuracy", f"{r['acc']:.3f} (fp {r['acc_ref']:.3f})"),
+                 ("Fréchet distance", f"{r['fd']:.2f} (fp {r['fd_ref']:.2f})")]
+    print(_table(rows))
+    return {"model": args.model, "reference": ref_path, **r}
 
 
 def cmd_generate(args) -> dict:
@@ -233,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--data-parallel", type=int, default=0,
                    help="shard the windows over this many devices (0 = all local devices)")
+    e.add_argument("--reference", default=None,
+                   help="DiT: the fp diffusers model to compare samples with (default: the source)")
+    e.add_argument("--classifier", default=None, help="DiT: a classifier dir (accuracy, FD)")
+    e.add_argument("--per-class", type=int, default=10, help="DiT: samples per class")
+    e.add_argument("--steps", type=int, default=25, help="DiT: DDIM steps")
+    e.add_argument("--seed", type=int, default=0, help="DiT: the noise seed")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text with a KV cache")

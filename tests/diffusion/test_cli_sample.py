@@ -78,3 +78,9 @@ def test_quantize_a_dit_saves_reloads_and_samples(tmp_path, capsys):
     rc = main(["sample", "--model", str(out), "--steps", "3", "--classes", "0,1",
                "--per-class", "1", "--out", str(tmp_path / "g.png")])
     assert rc == 0 and (tmp_path / "g.png").exists()
+    capsys.readouterr()
+    # jaxquant eval on a quantized DiT: samples against its fp source, same noise
+    rc = main(["eval", "--model", str(out), "--steps", "3", "--per-class", "2"])
+    assert rc == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["samples"] == 20 and 10.0 < ev["psnr"] < 90.0  # close to fp, not identical
