@@ -154,7 +154,7 @@ def evaluate(model: LoadedModel | str | os.PathLike, data: Any = "wikitext2", wi
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-# ---------------------------------------------------------------------------- diffusion transformers
+# ------------------------------------------------------------------ diffusion transformers
 def _as_dit(model):
     """The loaded DiT when ``model`` is one (or a diffusers directory holding one), else None."""
     from jaxquant.models import dit
@@ -174,14 +174,6 @@ def _as_dit(model):
     return None
 
 
-def _scheduler_config(path: str) -> str | None:
-    for d in (path, os.path.dirname(os.path.normpath(path))):
-        f = os.path.join(d, "scheduler", "scheduler_config.json")
-        if os.path.isfile(f):
-            return f
-    return None
-
-
 def _quantize_dit(m, rec, calib, out, *, resume, mesh, progress):
     """:func:`quantize_model` for a class-conditional DiT: ``calib`` is ``"trajectories"`` (the
     default: model inputs along fp DDIM trajectories with the pipeline's scheduler) or a dict of
@@ -190,11 +182,12 @@ def _quantize_dit(m, rec, calib, out, *, resume, mesh, progress):
     import shutil
 
     from jaxquant.calibration.engine import calibrate, clear_progress
+    from jaxquant.eval.dit import find_scheduler
     from jaxquant.models.dit.transformer import DiffusionTransformer
     from jaxquant.models.loading import adapter_for
     from jaxquant.models.quantized import save_quantized
 
-    sched_file = _scheduler_config(m.path)
+    sched_file = find_scheduler(m.path)
     if isinstance(calib, str) and calib in ("wikitext2", "trajectories"):
         if sched_file is None:
             raise FileNotFoundError(f"{m.path}: calibrating a DiT on its own trajectories needs "
