@@ -130,6 +130,18 @@ def _caller(model_fn: Callable, cond: Any) -> Callable[[Array, Array], Array]:
     return lambda x, t: model_fn(x, t, cond)
 
 
+def _predict(call, x, s, B, dtype, pt, clip, r, learned_sigma, channel_axis):
+    """One model call of a DDIM / DDPM step: ``(x_in, x0, eps, variance half)`` with x0 clipped
+    to ``±r`` when the schedule clips."""
+    x_in = x.astype(dtype)
+    out, v = _split_output(call(x_in, jnp.broadcast_to(s["t"], (B,))), x_in, learned_sigma,
+                           channel_axis)
+    x0, eps = _x0_and_eps(pt, out.astype(_F32), x, s["sa"], s["sb"])
+    if clip:
+        x0 = jnp.clip(x0, -r, r)
+    return x_in, x0, eps, v
+
+
 def _x0_and_eps(prediction_type: str, out: Array, x: Array, sa: Array, sb: Array
                 ) -> tuple[Array, Array]:
     """(predicted x_0, predicted eps) from the model output; ``sa = sqrt(alpha_bar_t)``,
@@ -200,13 +212,8 @@ def ddim_sample(model_fn: Callable, schedule: NoiseSchedule, x_T: Array,
     B, dtype = x_T.shape[0], x_T.dtype
 
     def body(x, s):
-        x_in = x.astype(dtype)
-        out, _ = _split_output(call(x_in, jnp.broadcast_to(s["t"], (B,))), x_in, learned_sigma,
-                               channel_axis)
-        out = out.astype(_F32)
-        x0, eps = _x0_and_eps(pt, out, x, s["sa"], s["sb"])
-        if clip:
-            x0 = jnp.clip(x0, -r, r)
+        x_in, x0, eps, _ = _predict(call, x, s, B, dtype, pt, clip, r, learned_sigma,
+                                    channel_axis)
         if use_clipped_model_output:
             eps = (x - s["sa"] * x0) / s["sb"]
         x_new = s["sap"] * x0 + s["c_eps"] * eps
@@ -282,12 +289,8 @@ def ddpm_sample(model_fn: Callable, schedule: NoiseSchedule, x_T: Array,
     B, dtype = x_T.shape[0], x_T.dtype
 
     def body(x, s):
-        x_in = x.astype(dtype)
-        out, v = _split_output(call(x_in, jnp.broadcast_to(s["t"], (B,))), x_in, learned_sigma,
-                               channel_axis)
-        x0, _ = _x0_and_eps(pt, out.astype(_F32), x, s["sa"], s["sb"])
-        if clip:
-            x0 = jnp.clip(x0, -r, r)
+        x_in, x0, _, v = _predict(call, x, s, B, dtype, pt, clip, r, learned_sigma,
+                                  channel_axis)
         mean = s["c_x0"] * x0 + s["c_x"] * x
         if vt == "learned":
             std = jnp.sqrt(v.astype(_F32))
