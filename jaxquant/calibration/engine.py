@@ -70,6 +70,7 @@ class LayerReport:
     bits: int | None
     rel_error: float
     seconds: float
+    info: dict | None = None  # e.g. a parameter search's choice
 
 
 @dataclasses.dataclass
@@ -409,11 +410,116 @@ def _rotate_input(W, st, k: int):
     return jnp.matmul(Q.T, W.astype(jnp.float32), precision=hi), st
 
 
-def _quantize_stage(recipe, b, stage: Stage, bp, state, st):
-    """Quantize the stage's linears; returns ``(bp, state, reports)``."""
+def _apply_obs(recipe, b, stage: Stage, bp, st):
+    """CLQ's orthogonal-based smoothing for a stage whose rules carry a ``transform``: the
+    outlier-aware permutation ``P`` from the stage input's statistics, ``G = P · H_block``;
+    every linear's weight becomes ``Gᵀ W`` and its params get the input transform slot
+    (``transform``, ``in_perm``) that applies ``x G`` online; the statistics become those of
+    ``x G``. Returns ``(bp, st)``."""
+    from jaxquant.core import orthogonal as O
+    from jaxquant.nn.linear import InputTransform
+
+    rules = [_rule_of(recipe, b, lin) for lin in stage.linears]
+    obs = [None if r is None else r.obs for r in rules]
+    if all(o is None for o in obs):
+        return bp, st
+    if any(o != obs[0] for o in obs):
+        raise ValueError(f"block {b} stage {stage.name!r}: the linears {list(stage.linears)} "
+                         "read one input and need one input transform, but their rules give "
+                         f"{obs}")
+    o = obs[0]
+    K = get_path(bp, f"{stage.linears[0]}/kernel").shape[0]
+    where = f"layers/{b}/{stage.linears[0]} (input width)"
+    width = O.padded_width(K, o["block"], pad=o["pad"], what=where)
+    for lin, r in zip(stage.linears, rules, strict=True):
+        gs = r.spec.group_size
+        if gs != -1 and width % gs:
+            raise ValueError(f"layers/{b}/{lin}: the transformed input width {width} is not a "
+                             f"multiple of the weight's group_size {gs}")
+    perm = None
+    if o["permute"]:
+        absmax = jnp.maximum(jnp.abs(st["max"]), jnp.abs(st["min"]))
+        sq = jnp.diagonal(st["H"]) / jnp.maximum(st["count"], 1.0)
+        scores = np.asarray(O.outlier_scores(absmax, sq, statistic=o["statistic"]))
+        scores = np.concatenate([scores, np.full(width - K, -np.inf)])  # pads go last
+        perm = jnp.asarray(O.outlier_permutation(scores, o["block"], deal=o["deal"]))
+    t = InputTransform(int(o["block"]), int(width), int(o["seed"]))
+    blocks = jnp.asarray(t.blocks())
+    for lin in stage.linears:
+        W = get_path(bp, f"{lin}/kernel")
+        bp = set_path(bp, f"{lin}/kernel", O.fold_weight(W, blocks, perm))
+        bp = set_path(bp, f"{lin}/transform", t)
+        if perm is not None:
+            bp = set_path(bp, f"{lin}/in_perm", perm)
+    st = dict(st)
+    for key in ("H", "cross"):
+        if key in st:
+            st[key] = O.fold_gram(st[key], blocks, perm)
+    if "H_groups" in st:
+        st["H_groups"] = jax.vmap(lambda h: O.fold_gram(h, blocks, perm))(st["H_groups"])
+    for key in ("sum", "sum_ref", "tokens"):
+        if key in st:
+            st[key] = O.apply_transform(st[key], blocks, perm)
+    st.pop("max", None), st.pop("min", None)
+    return bp, st
+
+
+@functools.lru_cache(maxsize=64)
+def _downstream_fn(spec: BlockSpec, si: int):
+    """``run(params, (state, batch))``: the block after stage ``si``'s linears, returning every
+    later stage's input and the block output (CLPS's downstream points)."""
+    def run(params, inputs):
+        s, batch = inputs
+        pts = []
+        for st in spec.stages[si + 1:]:
+            s = st.fn(params, s, batch)
+            pts.append(s[st.input])
+        pts.append(spec.finish(params, s, batch)[spec.stream])
+        return pts
+    return run
+
+
+def _clps_stage(recipe, b, spec: BlockSpec, si: int, bp, state, batch):
+    """CLQ's cross-layer parameter search for stage ``si`` (recipe section ``clps``): returns
+    ``({linear: rule with the chosen clip ratios}, report or None)``."""
+    from jaxquant.algorithms.clq import clps_search
+
+    c = recipe.clps
+    stage = spec.stages[si]
+    if c is None:
+        return {}, None
+    rules = [_rule_of(recipe, b, lin) for lin in stage.linears]
+    if any(r is None or r.act is None for r in rules):
+        return {}, None
+    r0 = rules[0]
+    if any(r.spec != r0.spec or r.act != r0.act for r in rules):
+        log.info("block %d stage %s: linears with different quantizers; no CLPS", b, stage.name)
+        return {}, None
+    t0 = time.perf_counter()
+    n = state[spec.stream].shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, int(c["n_samples"]))).astype(np.int64))
+    inputs = jax.tree.map(lambda a: a[idx], (state, batch))
+    res = clps_search(_downstream_fn(spec, si), dense_params(bp), inputs, stage.linears,
+                      r0.spec, r0.act.bits, c["grid_w"], c["grid_a"],
+                      downstream=c["downstream"], cost=c["cost"])
+    acts = tuple(sorted({**dict(r0.activations), "clip_ratio": res.act_clip}.items()))
+    new = dataclasses.replace(r0, spec=dataclasses.replace(r0.spec, clip_ratio=res.weight_clip),
+                              activations=acts)
+    best = float(np.min(res.errors[:, res.target]))
+    rep = LayerReport(f"layers/{b}/{stage.name}", "clps", None, best,
+                      time.perf_counter() - t0,
+                      {"weight_clip": res.weight_clip, "act_clip": res.act_clip,
+                       "target": res.target, "base_error": float(res.base[res.target]),
+                       "points": [s.input for s in spec.stages[si + 1:]] + [spec.stream]})
+    return {lin: new for lin in stage.linears}, rep
+
+
+def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None):
+    """Quantize the stage's linears (``overrides``: rules replacing the recipe's, e.g. with
+    searched clip ratios); returns ``(bp, state, reports)``."""
     reports = []
     done: dict[str, tuple[Any, dict, float]] = {}
-    rules = {lin: _rule_of(recipe, b, lin) for lin in stage.linears}
+    rules = {lin: (overrides or {}).get(lin) or _rule_of(recipe, b, lin) for lin in stage.linears}
     # linears sharing the input and the rule of a batchable algorithm: one matrix
     firsts = [r for r in rules.values() if r is not None]
     r0 = firsts[0] if firsts else None
@@ -612,6 +718,7 @@ def calibrate(
             br.algorithm = time.perf_counter() - t0
         else:
             fp_bp = bp
+            X_in = X if on_block_end is not None else None
             bp, X, X_ref, rep = _calibrate_block(recipe, b, spec, bp, X, X_ref, jbatch, bs,
                                                  n_groups, ref_kind, br)
             if final_dac:  # the final DAC's teacher: quantized attention + DAC, fp MLP
@@ -642,7 +749,8 @@ def calibrate(
                 "report": [dataclasses.asdict(r) for r in reports],
                 "blocks": [dataclasses.asdict(r) for r in block_reports]})
         if on_block_end is not None:
-            on_block_end(b, {"reports": rep, "block": br})
+            on_block_end(b, {"reports": rep, "block": br,
+                             "input": X_in if data else None})
         errs = [r.rel_error for r in rep]
         bar.set_postfix(rel_err=f"{np.mean(errs):.4f}" if errs else "-")
         del bp
@@ -678,6 +786,15 @@ def _quantize_data_free(recipe, b, spec: BlockSpec, bp):
         W = get_path(bp, f"{lin}/kernel")
         if r.act is not None and r.act.rotate:
             W, _ = _rotate_input(W, {}, r.act.rotate)
+        if r.obs is not None:  # no data: the block Hadamard without the permutation
+            from jaxquant.core import orthogonal as O
+            from jaxquant.nn.linear import InputTransform
+
+            o = r.obs
+            t = InputTransform(int(o["block"]), O.padded_width(
+                W.shape[0], o["block"], pad=o["pad"], what=f"layers/{b}/{lin}"), int(o["seed"]))
+            W = O.fold_weight(W, jnp.asarray(t.blocks()))
+            bp = set_path(bp, f"{lin}/transform", t)
         qa, _ = registry.get(r.algorithm).quantize(W, {}, r.spec, **r.opts)
         W_hat = dequantize(qa, dtype=jnp.float32)
         if not bool(jnp.all(jnp.isfinite(W_hat))):
@@ -698,6 +815,8 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
     if ref_kind is not None:
         ref_state = {spec.stream: X_ref if ref_kind == "fp_prefix" else X}
     reports: list[LayerReport] = []
+    # CBC (the default): statistics of the quantized prefix's stream; "fp": of the fp model's
+    inputs_fp = recipe.calib["inputs"] == "fp"
     dac_norms = set(recipe.dac["norms"]) if recipe.dac else set()
     # DAC's teacher when it is not the carried reference: the fp block on this block's input
     teach = {spec.stream: X} if recipe.dac_teacher else None
@@ -709,7 +828,8 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
         n_tok = int(np.prod(state[spec.stream].shape[:-1]))
         stride = max(1, n_tok // max(budget, 1)) if "tokens" in needs else 1
         state, ref_state, st = _ready(stage_pass(
-            dense_params(bp), state, batch, fp if ref_state is not None else None, ref_state,
+            fp if inputs_fp else dense_params(bp), state, batch,
+            fp if ref_state is not None else None, ref_state,
             fn=stage.fn, input_key=stage.input, bs=bs, needs=needs, n_groups=n_groups,
             stride=stride))
         br.passes = (2 if ref_state is not None else 1) + (teach is not None)
@@ -742,15 +862,22 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
             reports.append(LayerReport(f"layers/{b}/{prod.paths[0]}", "dac", None,
                                        float(jnp.sqrt(jnp.mean(mu * mu)) / jnp.maximum(rms, 1e-30)),
                                        time.perf_counter() - t0))
+        passed = state
         bp, state, st = _apply_smoothing(recipe, b, stage, bp, state, st)
         bp, state, st = _apply_input_scale(recipe, b, stage, bp, state, st)
-        bp, state, rep = _quantize_stage(recipe, b, stage, bp, state, st)
+        bp, st = _apply_obs(recipe, b, stage, bp, st)
+        over, crep = _clps_stage(recipe, b, spec, si, bp, state, batch)
+        if crep is not None:
+            reports.append(crep)
+        bp, state, rep = _quantize_stage(recipe, b, stage, bp, state, st, over)
+        if inputs_fp:  # the fp stream goes on unchanged (the folds act on the quantized model)
+            state = passed
         reports.extend(rep)
         del st
         br.algorithm += time.perf_counter() - t0
     t0 = time.perf_counter()
-    X = _ready(finish_pass(dense_params(bp), state, batch, fn=spec.finish, bs=bs,
-                           stream=spec.stream))
+    X = _ready(finish_pass(fp if inputs_fp else dense_params(bp), state, batch, fn=spec.finish,
+                           bs=bs, stream=spec.stream))
     if ref_kind == "fp_prefix":
         X_ref = _ready(finish_pass(fp, ref_state, batch, fn=spec.finish, bs=bs,
                                    stream=spec.stream))

@@ -66,3 +66,15 @@ def _bwd(bits, clip_ratio, _, g):
 
 
 fake_quant_per_token.defvjp(_fwd, _bwd)
+
+
+def fake_quant_per_token_traced(x: jax.Array, bits: int, clip_ratio: jax.Array) -> jax.Array:
+    """:func:`fake_quant_per_token` with a traced (array) ``clip_ratio``, for searches that vmap
+    over candidate ratios (no gradient; ``clip_ratio`` is not range-checked here)."""
+    if bits not in _ALLOWED_ACT_BITS:
+        raise ValueError(f"activation bits must be one of {_ALLOWED_ACT_BITS}, got {bits!r}")
+    qmax = (1 << (bits - 1)) - 1
+    x32 = x.astype(jnp.float32)
+    amax = jnp.asarray(clip_ratio, jnp.float32) * jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    s = jnp.where(amax > 0, amax / qmax, 1.0)
+    return (jnp.clip(jnp.round(x32 / s), -qmax, qmax) * s).astype(x.dtype)

@@ -145,7 +145,7 @@ def can_use_int(qa: QArray, act_bits: int) -> tuple[bool, str]:
     return True, ""
 
 
-def int_quant_matmul(x: jax.Array, qa: QArray, *, act_bits: int,
+def int_quant_matmul(x: jax.Array, qa: QArray, *, act_bits: int, act_clip: float = 1.0,
                      platform: str | None = None) -> jax.Array:
     """``x [..., K] @ qa [K, N]`` with ``x`` quantized per token to ``act_bits`` and integer
     products: the Pallas TPU / GPU integer kernel where it applies (interpret mode under
@@ -157,22 +157,22 @@ def int_quant_matmul(x: jax.Array, qa: QArray, *, act_bits: int,
 
     mode = _state["mode"]
     if mode == "xla":
-        return im.int_matmul_xla(x, qa, act_bits=act_bits)
+        return im.int_matmul_xla(x, qa, act_bits=act_bits, act_clip=act_clip)
     if mode == "interpret":
         p = _state["interpret_platform"]
         f = im.int_matmul_pallas_tpu if p == "tpu" else im.int_matmul_pallas_gpu
         try:
-            return f(x, qa, act_bits=act_bits, interpret=True)
+            return f(x, qa, act_bits=act_bits, act_clip=act_clip, interpret=True)
         except ValueError as e:
             _log_once(f"int_quant_matmul: XLA int8 GEMM for {qa.shape} W{qa.spec.bits}A{act_bits}:"
                       f" {e}")
-            return im.int_matmul_xla(x, qa, act_bits=act_bits)
+            return im.int_matmul_xla(x, qa, act_bits=act_bits, act_clip=act_clip)
     platform = platform or jax.default_backend()
     if platform == "tpu" or platform == "gpu" or platform == "cuda":
         f = im.int_matmul_pallas_tpu if platform == "tpu" else im.int_matmul_pallas_gpu
         try:
-            return f(x, qa, act_bits=act_bits)
+            return f(x, qa, act_bits=act_bits, act_clip=act_clip)
         except ValueError as e:
             _log_once(f"int_quant_matmul: XLA int8 GEMM for {qa.shape} W{qa.spec.bits}A{act_bits}"
                       f" on {platform}: {e}")
-    return im.int_matmul_xla(x, qa, act_bits=act_bits)
+    return im.int_matmul_xla(x, qa, act_bits=act_bits, act_clip=act_clip)

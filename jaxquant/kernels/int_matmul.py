@@ -68,11 +68,12 @@ def _grouped_int(xq, wq, s_w, gs):
     return jnp.sum(acc.astype(jnp.float32) * s_w.astype(jnp.float32)[:, None, :], axis=0)
 
 
-def int_matmul_reference(x: jax.Array, qa: QArray, *, act_bits: int = 8) -> jax.Array:
+def int_matmul_reference(x: jax.Array, qa: QArray, *, act_bits: int = 8,
+                         act_clip: float = 1.0) -> jax.Array:
     """The oracle: explicit per-token quantization, exact int32 group products, float32 scales."""
     check_int_qarray(qa, act_bits)
     *lead, k = x.shape
-    xq, sx = quantize_per_token(x.reshape(-1, k), bits=act_bits)
+    xq, sx = quantize_per_token(x.reshape(-1, k), bits=act_bits, clip_ratio=act_clip)
     wq = _signed_codes(qa).astype(jnp.int32)
     gs = qa.spec.group_size
     gs = k if gs == -1 else gs
@@ -82,10 +83,11 @@ def int_matmul_reference(x: jax.Array, qa: QArray, *, act_bits: int = 8) -> jax.
     return (y * sx).reshape(*lead, qa.shape[1]).astype(x.dtype)
 
 
-def int_matmul_xla(x: jax.Array, qa: QArray, *, act_bits: int = 8) -> jax.Array:
+def int_matmul_xla(x: jax.Array, qa: QArray, *, act_bits: int = 8,
+                   act_clip: float = 1.0) -> jax.Array:
     check_int_qarray(qa, act_bits)
     *lead, k = x.shape
-    xq, sx = quantize_per_token(x.reshape(-1, k), bits=act_bits)
+    xq, sx = quantize_per_token(x.reshape(-1, k), bits=act_bits, clip_ratio=act_clip)
     y = _grouped_int(xq, _signed_codes(qa), qa.scale, qa.spec.group_size) * sx
     return y.reshape(*lead, qa.shape[1]).astype(x.dtype)
 
@@ -110,8 +112,8 @@ def _int_tpu_kernel(x_ref, w_ref, s_ref, sx_ref, o_ref, acc_ref, *, bits, nk):
         o_ref[...] = (acc_ref[...] * sx_ref[...]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("act_bits", "bm", "bn", "interpret"))
-def _int_tpu_call(x2, qa, *, act_bits, bm, bn, interpret):
+@functools.partial(jax.jit, static_argnames=("act_bits", "act_clip", "bm", "bn", "interpret"))
+def _int_tpu_call(x2, qa, *, act_bits, act_clip, bm, bn, interpret):
     from jax.experimental.pallas import tpu as pltpu
 
     bits = qa.spec.bits
@@ -125,7 +127,7 @@ def _int_tpu_call(x2, qa, *, act_bits, bm, bn, interpret):
     kp = round_up(kp32, bk)
     mp = round_up(m, bm)
     np_ = round_up(n, bn)
-    xq, sx = quantize_per_token(x2, bits=act_bits)
+    xq, sx = quantize_per_token(x2, bits=act_bits, clip_ratio=act_clip)
     xq = jnp.pad(xq, ((0, mp - m), (0, kp - k)))
     sx = jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
     rows = bk // p
@@ -157,7 +159,7 @@ def _int_tpu_call(x2, qa, *, act_bits, bm, bn, interpret):
     return out[:m, :n]
 
 
-def int_matmul_pallas_tpu(x: jax.Array, qa: QArray, *, act_bits: int = 8,
+def int_matmul_pallas_tpu(x: jax.Array, qa: QArray, *, act_bits: int = 8, act_clip: float = 1.0,
                           bm: int | None = None, bn: int | None = None,
                           interpret: bool = False) -> jax.Array:
     """W8A8 / W4A4 through the Pallas TPU kernel (int8 MXU dots, int32 accumulation per group).
@@ -177,7 +179,8 @@ def int_matmul_pallas_tpu(x: jax.Array, qa: QArray, *, act_bits: int = 8,
     bm = bm or min(round_up(m, 32), 256)  # int8 operands tile by 32 rows
     n = qa.shape[1]
     bn = bn or (n if n < 256 else 256)
-    y = _int_tpu_call(x.reshape(m, k), qa, act_bits=act_bits, bm=bm, bn=bn, interpret=interpret)
+    y = _int_tpu_call(x.reshape(m, k), qa, act_bits=act_bits, act_clip=act_clip, bm=bm, bn=bn,
+                      interpret=interpret)
     return y.reshape(*lead, n)
 
 
@@ -204,15 +207,16 @@ def _int_gpu_kernel(x_ref, w_ref, s_ref, sx_ref, o_ref, *, bits, gs, nk):
     o_ref[...] = (acc * sx_ref[...]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("act_bits", "bm", "bn", "interpret", "num_warps",
+@functools.partial(jax.jit, static_argnames=("act_bits", "act_clip", "bm", "bn", "interpret",
+                                             "num_warps",
                                              "num_stages"))
-def _int_gpu_call(x2, qa, *, act_bits, bm, bn, interpret, num_warps, num_stages):
+def _int_gpu_call(x2, qa, *, act_bits, act_clip, bm, bn, interpret, num_warps, num_stages):
     from jax.experimental.pallas import triton as pltr
 
     bits = qa.spec.bits
     m, _ = x2.shape
     n = qa.shape[1]
-    xq, sx = quantize_per_token(x2, bits=act_bits)
+    xq, sx = quantize_per_token(x2, bits=act_bits, clip_ratio=act_clip)
     # the W-A16 GPU kernel's operands, with int8 codes for x: [planes, Mp, Kp/planes]
     x3, words, s, _, gs, kp, mp, np_ = gpu_operands(xq, qa, bm=bm, bn=bn)
     sx = jnp.pad(sx, ((0, mp - m), (0, 0)), constant_values=1.0)
@@ -235,7 +239,8 @@ def _int_gpu_call(x2, qa, *, act_bits, bm, bn, interpret, num_warps, num_stages)
     return out[:m, :n]
 
 
-def int_matmul_pallas_gpu(x: jax.Array, qa: QArray, *, act_bits: int = 8, bm: int = 16,
+def int_matmul_pallas_gpu(x: jax.Array, qa: QArray, *, act_bits: int = 8, act_clip: float = 1.0,
+                          bm: int = 16,
                           bn: int = 64, num_warps: int = 4, num_stages: int = 2,
                           interpret: bool = False) -> jax.Array:
     """W8A8 / W4A4 through the Pallas GPU (Triton) kernel (int8 tensor-core dots, int32 sums per
@@ -247,6 +252,7 @@ def int_matmul_pallas_gpu(x: jax.Array, qa: QArray, *, act_bits: int = 8, bm: in
     if k != qa.shape[0]:
         raise ValueError(f"x has {k} input features, the QArray {qa.shape[0]}")
     m = math.prod(lead) if lead else 1
-    y = _int_gpu_call(x.reshape(m, k), qa, act_bits=act_bits, bm=bm, bn=bn, interpret=interpret,
+    y = _int_gpu_call(x.reshape(m, k), qa, act_bits=act_bits, act_clip=act_clip, bm=bm, bn=bn,
+                      interpret=interpret,
                       num_warps=num_warps, num_stages=num_stages)
     return y.reshape(*lead, qa.shape[1])

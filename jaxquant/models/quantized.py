@@ -35,10 +35,12 @@ def tree_spec(tree: Any) -> Any:
             "spec": dataclasses.asdict(tree.spec), "in_features": tree.in_features,
             "dtype": tree.dtype, "packed": _leaf(tree.packed), "scale": _leaf(tree.scale),
             "zero": None if tree.zero is None else _leaf(tree.zero)}}
-    from jaxquant.nn.linear import ActQuant
+    from jaxquant.nn.linear import ActQuant, InputTransform
 
     if isinstance(tree, ActQuant):  # a static node: no arrays, only its settings
         return {"__act__": dataclasses.asdict(tree)}
+    if isinstance(tree, InputTransform):
+        return {"__transform__": dataclasses.asdict(tree)}
     if isinstance(tree, dict):
         return {"__dict__": {k: tree_spec(v) for k, v in tree.items()}}
     if isinstance(tree, list | tuple):
@@ -66,6 +68,10 @@ def abstract_tree(spec: Any) -> Any:
         from jaxquant.nn.linear import ActQuant
 
         return ActQuant(**spec["__act__"])
+    if "__transform__" in spec:
+        from jaxquant.nn.linear import InputTransform
+
+        return InputTransform(**spec["__transform__"])
     if "__dict__" in spec:
         return {k: abstract_tree(v) for k, v in spec["__dict__"].items()}
     if "__list__" in spec:

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.core.activations import fake_quant_per_token
+from jaxquant.core.activations import fake_quant_per_token, fake_quant_per_token_traced
 from jaxquant.core.hadamard import block_hadamard, hadamard_orders_supported
+from jaxquant.core.orthogonal import apply_transform, hadamard_blocks
 from jaxquant.core.qarray import QArray, dequantize
 from jaxquant.kernels.dispatch import can_use_int, int_quant_matmul, quant_matmul
 
@@ -56,6 +57,44 @@ class ActQuant:
             raise ValueError(f"ActQuant.mode must be 'int' or 'fake', got {self.mode!r}")
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class InputTransform:
+    """A linear's orthogonal input transform ``x ↦ x G``, ``G = P · H_block`` (CLQ's OBS; see
+    :mod:`jaxquant.core.orthogonal`): the input is zero-padded to ``width`` channels, permuted by
+    the linear's ``in_perm`` param (when it has one), and rotated by the block-diagonal randomized
+    Hadamard of order ``block`` (seed ``seed``). The kernel holds ``Gᵀ W`` (``[width, N]``), so
+    the product is unchanged in exact arithmetic. Applied before the activation quantizer, on the
+    fake-quant and the integer path alike. A static pytree node; it rides in the linear's params
+    as ``"transform"``."""
+
+    block: int
+    width: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.block, int) or self.block < 1 or self.width % self.block \
+                or not hadamard_orders_supported(self.block):
+            raise ValueError(f"InputTransform.block must be a Hadamard order jaxquant can build "
+                             f"that divides the width {self.width}, got {self.block!r}")
+
+    def blocks(self) -> np.ndarray:
+        return hadamard_blocks(self.width, self.block, self.seed)
+
+
+def transform_input(x: jax.Array, p: dict) -> jax.Array:
+    """``x G`` of a linear with an :class:`InputTransform` (``x`` itself without one)."""
+    t = p.get("transform")
+    if t is None:
+        return x
+    perm = p.get("in_perm")
+    if x.shape[-1] > t.width or (perm is not None and perm.shape[-1] != t.width):
+        raise ValueError(f"input transform over {t.width} channels (in_perm "
+                         f"{None if perm is None else perm.shape}) for an input of "
+                         f"{x.shape[-1]} channels")
+    return apply_transform(x, jnp.asarray(t.blocks()), perm).astype(x.dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def online_rotation(n: int, block: int) -> np.ndarray:
     """The orthogonal ``[n, n]`` of an online rotation: block-diagonal randomized Hadamard of
@@ -68,17 +107,22 @@ def online_rotation(n: int, block: int) -> np.ndarray:
 
 
 def apply_linear(x: jax.Array, p: dict, *, precision: Any = None) -> jax.Array:
-    """Apply a linear's params dict ``{"kernel", "bias"?, "act"?, "act_scale"?}`` to ``x``:
-    ``act_scale`` ``[K]`` divides the input first (SmoothQuant's migration where it could not be
-    folded into a producer), ``act`` (:class:`ActQuant`) quantizes it per token."""
+    """Apply a linear's params dict ``{"kernel", "bias"?, "act"?, "act_scale"?, "transform"?,
+    "in_perm"?}`` to ``x``: ``act_scale`` ``[K]`` divides the input first (SmoothQuant's migration
+    where it could not be folded into a producer), ``transform`` (:class:`InputTransform`, with
+    ``in_perm``) rotates it, ``act`` (:class:`ActQuant`) quantizes it per token."""
     if "act_scale" in p:
         s = p["act_scale"]
         x = x / bcast_last(s.astype(x.dtype), x.ndim)
+    x = transform_input(x, p)
     act = p.get("act")
     if act is not None and act.rotate:  # the weight holds Qᵀ W (rotated offline)
         Q = online_rotation(x.shape[-1], act.rotate)
         x = jnp.matmul(x.astype(jnp.float32), jnp.asarray(Q),
                        precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+    if "act_clip" in p:  # a traced activation clip ratio (CLQ's parameter search)
+        x = x if act is None else fake_quant_per_token_traced(x, act.bits, p["act_clip"])
+        act = None
     return linear(x, p["kernel"], p.get("bias"), act=act, precision=precision)
 
 
@@ -101,10 +145,11 @@ def linear(
     ``act_bits`` (fake-quant) or ``act`` (:class:`ActQuant`) quantize ``x`` per token; with
     ``act.mode == "int"`` and a QArray the integer kernels take, the product is integer."""
     if act is not None and act.mode == "int" and isinstance(kernel, QArray) \
-            and precision is None and act.clip_ratio == 1.0:
+            and precision is None:
         ok, why = can_use_int(kernel, act.bits)
         if ok:
-            y = int_quant_matmul(x, kernel, act_bits=act.bits).astype(x.dtype)
+            y = int_quant_matmul(x, kernel, act_bits=act.bits,
+                                 act_clip=act.clip_ratio).astype(x.dtype)
             return y if bias is None else y + bcast_last(bias.astype(y.dtype), y.ndim)
         msg = f"linear: fake-quant W{kernel.spec.bits}A{act.bits} for {kernel.shape}: {why}"
         if msg not in _logged:

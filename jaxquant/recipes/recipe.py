@@ -25,11 +25,23 @@ from jaxquant.algorithms import registry
 from jaxquant.core.spec import QuantSpec
 
 KEEP_FP = "none"  # the algorithm name that keeps a layer in floating point
-_RULE_KEYS = {"pattern", "algorithm", "spec", "options", "activations"}
+_RULE_KEYS = {"pattern", "algorithm", "spec", "options", "activations", "transform"}
+# a rule's orthogonal input transform x -> x G, G = P H_block (CLQ's OBS; jaxquant.core.orthogonal):
+# block: the Hadamard order; permute: the outlier-aware channel permutation P (else P = I);
+# statistic: the outlier score; deal: how ranked channels are dealt to blocks; pad: zero-pad a
+# width the block does not divide; seed: the Hadamard's random signs
+_TRANSFORM_KEYS = {"block": 64, "permute": True, "statistic": "absmax_median",
+                   "deal": "round_robin", "pad": False, "seed": 0}
 # a rule's activation quantizer (jaxquant.nn.linear.ActQuant): dynamic per token, symmetric
 _ACT_KEYS = {"bits": 8, "clip_ratio": 1.0, "mode": "int", "rotate": 0}
 _RECIPE_KEYS = {"name", "description", "rules", "calibration", "reference", "dac", "rotation",
-                "smooth"}
+                "smooth", "clps"}
+# CLQ's cross-layer parameter search (jaxquant.algorithms.clq) on every stage whose linears
+# quantize their activations: weight (grid_w) x activation (grid_a) clip ratios, scored at the
+# downstream point chosen by `downstream` (max | first | last) with `cost` (rel | mse), on
+# n_samples calibration samples (strided)
+_CLPS_KEYS = {"grid_w": (1.0, 0.95, 0.9, 0.85, 0.8), "grid_a": (1.0, 0.95, 0.9, 0.85, 0.8),
+              "downstream": "max", "cost": "rel", "n_samples": 128}
 # SmoothQuant on every stage whose linears all quantize their activations (migration strength α)
 _SMOOTH_KEYS = {"alpha": 0.5}
 # a residual rotation folded into the fp weights before calibration (jaxquant.models.rotation)
@@ -44,7 +56,10 @@ REFERENCES = ("fp_prefix", "same_input")
 _DAC_KEYS = {"norms": ("post_attention_layernorm",), "reference": "same_input", "clip": 10.0,
              "final": False}
 DAC_REFERENCES = REFERENCES
-_CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0}
+# inputs: "quantized" (each block calibrated on its quantized prefix's outputs, weights and
+# activations quantized: CLQ's cross-block calibration, the default) or "fp" (the fp model's)
+_CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0, "inputs": "quantized"}
+CALIB_INPUTS = ("quantized", "fp")
 _SPEC_KEYS = {f.name for f in dataclasses.fields(QuantSpec)}
 RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "recipes")
 
@@ -60,6 +75,12 @@ class Rule:
     spec: QuantSpec | None
     options: tuple[tuple[str, Any], ...] = ()
     activations: tuple[tuple[str, Any], ...] | None = None  # None: activations stay float
+    transform: tuple[tuple[str, Any], ...] | None = None  # None: no input transform
+
+    @property
+    def obs(self) -> dict | None:
+        """The rule's input transform settings (see ``_TRANSFORM_KEYS``), or None."""
+        return None if self.transform is None else {**_TRANSFORM_KEYS, **dict(self.transform)}
 
     @property
     def act(self):
@@ -93,6 +114,14 @@ class Recipe:
     dac_options: tuple[tuple[str, Any], ...] | None = None  # None: no DAC
     rotation_options: tuple[tuple[str, Any], ...] | None = None  # None: no rotation
     smooth_options: tuple[tuple[str, Any], ...] | None = None  # None: no SmoothQuant
+    clps_options: tuple[tuple[str, Any], ...] | None = None  # None: no parameter search
+
+    @property
+    def clps(self) -> dict | None:
+        """CLQ's cross-layer parameter search settings, or None."""
+        if self.clps_options is None:
+            return None
+        return {**_CLPS_KEYS, **dict(self.clps_options)}
 
     @property
     def smooth(self) -> dict | None:
@@ -157,7 +186,8 @@ class Recipe:
                 {"pattern": r.pattern, "algorithm": r.algorithm,
                  "spec": None if r.spec is None else dataclasses.asdict(r.spec),
                  "options": dict(r.options),
-                 **({} if r.activations is None else {"activations": dict(r.activations)})}
+                 **({} if r.activations is None else {"activations": dict(r.activations)}),
+                **({} if r.transform is None else {"transform": dict(r.transform)})}
                 for r in self.rules
             ],
             "calibration": dict(self.calibration),
@@ -166,6 +196,7 @@ class Recipe:
             {k: list(v) if isinstance(v, tuple) else v for k, v in self.dac_options},
             **({} if self.rotation_options is None else {"rotation": self.rotation}),
             **({} if self.smooth_options is None else {"smooth": self.smooth}),
+            **({} if self.clps_options is None else {"clps": self.clps}),
         }
 
     def with_calib(self, **kw) -> Recipe:
@@ -179,7 +210,9 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        return self.reference is not None or self.smooth is not None or any(
+        return self.reference is not None or self.smooth is not None \
+            or self.clps_options is not None or any(
+            r.transform is not None and r.obs["permute"] for r in self.rules) or any(
             r.algorithm != KEEP_FP and registry.get(r.algorithm).needs for r in self.rules)
 
 
@@ -265,9 +298,19 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
                                   f"needs a symmetric 4- or 8-bit weight spec, got bits="
                                   f"{spec.bits} symmetric={spec.symmetric}; use mode 'fake'")
             acts = tuple(sorted(acts.items()))
-        rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items())), acts))
+        tr = r.get("transform")
+        if tr is not None:
+            tr = _check_transform(tr, acts, where)
+        rules.append(Rule(r["pattern"], algo, spec, tuple(sorted(opts.items())), acts, tr))
     calib = d.get("calibration") or {}
     _unknown(calib, _CALIB_KEYS, f"{source}: calibration")
+    if calib.get("inputs", "quantized") not in CALIB_INPUTS:
+        raise RecipeError(f"{source}: calibration.inputs must be one of {CALIB_INPUTS}, got "
+                          f"{calib['inputs']!r}")
+    clps = _section(d, "clps", _CLPS_KEYS, source)
+    clps_opts = None
+    if clps is not None:
+        clps_opts = _check_clps(clps, rules, source)
     dac = _section(d, "dac", _DAC_KEYS, source)
     dac_opts = None
     if dac is not None:
@@ -328,7 +371,62 @@ def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
                 "'reference: fp_prefix' (the fp model's own activations)")
     return Recipe(d.get("name", os.path.basename(source)), tuple(rules),
                   tuple(sorted(calib.items())), d.get("description", ""), source,
-                  ref, dac_opts, rot_opts, sm_opts)
+                  ref, dac_opts, rot_opts, sm_opts, clps_opts)
+
+
+def _check_transform(tr, acts, where: str) -> tuple:
+    from jaxquant.core.hadamard import hadamard_orders_supported
+    from jaxquant.core.orthogonal import DEALS, OUTLIER_STATISTICS
+
+    if not isinstance(tr, dict):
+        raise RecipeError(f"{where}.transform: must be a mapping, got {tr!r}")
+    _unknown(tr, _TRANSFORM_KEYS, f"{where}.transform")
+    t = {**_TRANSFORM_KEYS, **tr}
+    b = t["block"]
+    if not isinstance(b, int) or isinstance(b, bool) or b < 1 or not hadamard_orders_supported(b):
+        raise RecipeError(f"{where}.transform.block: must be a Hadamard order jaxquant can build "
+                          f"(1, 2 or a multiple of 4 from Sylvester/Paley factors), got {b!r}")
+    for k in ("permute", "pad"):
+        if not isinstance(t[k], bool):
+            raise RecipeError(f"{where}.transform.{k}: must be true or false, got {t[k]!r}")
+    if t["statistic"] not in OUTLIER_STATISTICS:
+        raise RecipeError(f"{where}.transform.statistic: must be one of {OUTLIER_STATISTICS}, got "
+                          f"{t['statistic']!r}")
+    if t["deal"] not in DEALS:
+        raise RecipeError(f"{where}.transform.deal: must be one of {DEALS}, got {t['deal']!r}")
+    if acts is None:
+        raise RecipeError(f"{where}.transform: an input transform smooths activations for their "
+                          "quantizer, but the rule quantizes none (add 'activations')")
+    if dict(acts).get("rotate", 0):
+        raise RecipeError(f"{where}.transform: the rule already rotates its input "
+                          "(activations.rotate); use one of the two")
+    return tuple(sorted(tr.items()))
+
+
+def _check_clps(clps: dict, rules, source: str) -> tuple:
+    c = {**_CLPS_KEYS, **clps}
+    for k in ("grid_w", "grid_a"):
+        g = c[k]
+        if not isinstance(g, list | tuple) or not g or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0.0 < v <= 1.0
+                for v in g):
+            raise RecipeError(f"{source}: clps.{k} must be a non-empty list of ratios in (0, 1], "
+                              f"got {g!r}")
+        c[k] = tuple(float(v) for v in g)
+    from jaxquant.algorithms.clq import COSTS, DOWNSTREAM
+
+    if c["downstream"] not in DOWNSTREAM:
+        raise RecipeError(f"{source}: clps.downstream must be one of {DOWNSTREAM}, got "
+                          f"{c['downstream']!r}")
+    if c["cost"] not in COSTS:
+        raise RecipeError(f"{source}: clps.cost must be one of {COSTS}, got {c['cost']!r}")
+    if not isinstance(c["n_samples"], int) or c["n_samples"] < 1:
+        raise RecipeError(f"{source}: clps.n_samples must be a positive integer, got "
+                          f"{c['n_samples']!r}")
+    if not any(r.activations is not None for r in rules):
+        raise RecipeError(f"{source}: 'clps' searches weight and activation clip ratios, but no "
+                          "rule quantizes activations (add an 'activations' key)")
+    return tuple(sorted(c.items()))
 
 
 def load_recipe(name_or_path: str | os.PathLike | dict) -> Recipe:

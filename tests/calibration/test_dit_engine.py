@@ -12,36 +12,21 @@ import jax
 import numpy as np
 import pytest
 
-from jaxquant import models
 from jaxquant.calibration.engine import calibrate
-from jaxquant.diffusion.calibration import trajectory_batch
-from jaxquant.diffusion.schedules import NoiseSchedule
-from jaxquant.diffusion.train_fmnist import SCHEDULER
 from jaxquant.kernels.dispatch import kernel_mode
-from jaxquant.models.dit.config import DiTConfig
-from jaxquant.models.dit.export import init_dit_params, save_dit_diffusers
 from jaxquant.models.dit.transformer import DiffusionTransformer
 from jaxquant.models.loading import adapter_for
 from jaxquant.nn.linear import ActQuant
 from jaxquant.recipes import RecipeError, load_recipe
+from tests.calibration.tiny_dit import make_tiny_dit, tiny_config
 
-CFG = DiTConfig(kind="dit", num_heads=2, head_dim=32, in_channels=1, out_channels=1,
-                num_layers=2, sample_size=8, patch_size=2, num_classes=10,
-                num_train_timesteps=1000)
+CFG = tiny_config(2)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinydit")
-    p = init_dit_params(CFG, jax.random.PRNGKey(0))
-    g = np.random.default_rng(1)  # adaLN-Zero starts at zero: give every path a signal
-    p = jax.tree.map(lambda a: np.asarray(a + g.normal(0, 0.05, a.shape), np.float32), p)
-    save_dit_diffusers(CFG, p, d)
-    m = models.load(d)
-    sched = NoiseSchedule.from_config(SCHEDULER)
-    calib = trajectory_batch(m.config, m.params, sched, n_per_class=2, steps=8, seed=0)
-    held = trajectory_batch(m.config, m.params, sched, n_per_class=1, steps=8, seed=1)
-    return m, calib, held
+    return make_tiny_dit(d, CFG)
 
 
 def _recipe(algo, wbits, abits=None, mode="int"):
