@@ -36,17 +36,112 @@ def param_bytes(tree) -> int:
                    for a in leaves))
 
 
+class Harness:
+    """The trained DiT, its classifier and the real test images' feature statistics; samples
+    from fixed noise (``seed``) and classes, scored against the fp model's samples; calibration
+    inputs from the fp sampler's trajectories (``calib_seed``) and held-out trajectory inputs."""
+
+    def __init__(self, model_dir: str, *, per_class: int, steps: int, guidance: float,
+                 seed: int, calib_seed: int | None = None):
+        from jaxquant import models
+        from jaxquant.data.images import fashion_mnist
+        from jaxquant.diffusion.calibration import trajectory_batch
+        from jaxquant.diffusion.schedules import NoiseSchedule
+        from jaxquant.eval.classifier import load_classifier, make_apply, to_unit_range
+        from jaxquant.eval.images import feature_stats
+
+        self.m = models.load(os.path.join(model_dir, "transformer"))
+        self.cfg = cfg = self.m.config
+        self.steps, self.guidance = steps, guidance
+        with open(os.path.join(model_dir, "scheduler", "scheduler_config.json")) as f:
+            self.sched = NoiseSchedule.from_config(json.load(f))
+        cparams, self.cmeta = load_classifier(os.path.join(model_dir, "classifier"))
+        self.logits_fn, self.feat_fn = make_apply(cparams), make_apply(cparams, features=True)
+        xte, _ = fashion_mnist("test")
+        self.mu_r, self.S_r = feature_stats(self.feat_fn(to_unit_range(xte)))
+        self.labels = np.repeat(np.arange(cfg.num_classes), per_class)
+        self.x_T = np.asarray(jax.random.normal(
+            jax.random.PRNGKey(seed), (len(self.labels), cfg.in_channels, cfg.sample_size,
+                                       cfg.sample_size)))
+        cs = seed + 1 if calib_seed is None else calib_seed
+        self.calib = trajectory_batch(cfg, self.m.params, self.sched, n_per_class=4, steps=steps,
+                                      guidance=guidance, seed=cs)
+        self.held = trajectory_batch(cfg, self.m.params, self.sched, n_per_class=1, steps=5,
+                                     guidance=guidance, seed=seed + 2)
+        self.out_fp = self.forward(self.m.params)
+        self.fp_samples, self.fp_secs = self.draw(self.m.params)
+
+    def draw(self, params):
+        from jaxquant.diffusion.calibration import sample_dit
+
+        t0 = time.perf_counter()
+        outs = []
+        for i in range(0, len(self.labels), 100):
+            f = jax.jit(lambda xt, y: sample_dit(self.cfg, params, self.sched, y,
+                                                 steps=self.steps, guidance=self.guidance,
+                                                 x_T=xt))
+            outs.append(np.asarray(f(self.x_T[i:i + 100], self.labels[i:i + 100])))
+        return np.clip(np.concatenate(outs), -1.0, 1.0), time.perf_counter() - t0
+
+    def score(self, samples, ref=None) -> dict:
+        from jaxquant.eval.images import feature_stats, frechet_distance, psnr, sample_mse
+
+        acc = float(np.mean(np.argmax(self.logits_fn(samples), -1) == self.labels))
+        mu, S = feature_stats(self.feat_fn(samples))
+        row = {"acc": acc, "fd": float(frechet_distance(mu, S, self.mu_r, self.S_r))}
+        if ref is not None:
+            row |= {"mse": float(sample_mse(samples, ref)),
+                    "psnr": float(psnr(samples, ref, data_range=2.0))}
+        return row
+
+    def forward(self, params):
+        from jaxquant.models.dit.model import dit_forward
+
+        h = self.held
+        return np.asarray(dit_forward(self.cfg, params, h["latents"], h["timesteps"],
+                                      h["class_labels"]))
+
+    def fp_row(self) -> dict:
+        return {"method": "fp", "width": "fp32", **self.score(self.fp_samples),
+                "calib_seconds": 0.0, "sample_seconds": round(self.fp_secs, 1),
+                "param_bytes": param_bytes(self.m.params)}
+
+    def run(self, rec, **meta) -> tuple[dict, np.ndarray]:
+        """Calibrate the recipe ``rec``, sample, score; ``(row, samples)``."""
+        from jaxquant.calibration.engine import calibrate
+        from jaxquant.models.loading import adapter_for
+
+        t0 = time.perf_counter()
+        res = calibrate(adapter_for(self.m), rec, self.calib, progress=False)
+        secs = time.perf_counter() - t0
+        s, ssecs = self.draw(res.params)
+        # the integer path (int8 GEMM) against the fake-quant path on held-out inputs
+        out_int = self.forward(res.params)
+        out_fake = self.forward(with_act_mode(res.params, "fake"))
+        int_vs_fake = float(np.linalg.norm(out_int - out_fake) / np.linalg.norm(out_fake))
+        q_err = float(np.linalg.norm(out_fake - self.out_fp) / np.linalg.norm(self.out_fp))
+        row = {**meta, **self.score(s, self.fp_samples), "calib_seconds": round(secs, 1),
+               "sample_seconds": round(ssecs, 1), "param_bytes": param_bytes(res.params),
+               "eps_rel_err_vs_fp": q_err, "int_vs_fake_rel_diff": int_vs_fake}
+        clps = [r for r in res.report if r.algorithm == "clps"]
+        if clps:
+            row["clps"] = [{"stage": r.layer, **r.info} for r in clps]
+        return row, s
+
+
+def print_table(rows) -> None:
+    print("| method | width | PSNR vs fp (dB) | MSE vs fp | class acc | FD | ε rel. err | "
+          "int vs fake | calib s | params MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['width']} | {r.get('psnr', float('inf')):.2f} | "
+              f"{r.get('mse', 0.0):.5f} | {r['acc']:.3f} | {r['fd']:.2f} | "
+              f"{r.get('eps_rel_err_vs_fp', 0.0):.4f} | {r.get('int_vs_fake_rel_diff', 0.0):.1e} | "
+              f"{r['calib_seconds']} | {r['param_bytes'] / 2**20:.2f} |")
+
+
 def main() -> None:
-    from jaxquant import models
-    from jaxquant.calibration.engine import calibrate
-    from jaxquant.data.images import fashion_mnist
-    from jaxquant.diffusion.calibration import sample_dit, trajectory_batch
-    from jaxquant.diffusion.schedules import NoiseSchedule
     from jaxquant.diffusion.train_fmnist import default_dir
-    from jaxquant.eval.classifier import load_classifier, make_apply, to_unit_range
-    from jaxquant.eval.images import feature_stats, frechet_distance, psnr, sample_mse
-    from jaxquant.models.dit.model import dit_forward
-    from jaxquant.models.loading import adapter_for
     from jaxquant.recipes import load_recipe
 
     ap = argparse.ArgumentParser()
@@ -61,86 +156,24 @@ def main() -> None:
     args = ap.parse_args()
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(HERE, "results", f"dit_baselines_{date}.json")
-
-    m = models.load(os.path.join(args.model, "transformer"))
-    cfg = m.config
-    with open(os.path.join(args.model, "scheduler", "scheduler_config.json")) as f:
-        sched = NoiseSchedule.from_config(json.load(f))
-    cparams, cmeta = load_classifier(os.path.join(args.model, "classifier"))
-    logits_fn, feat_fn = make_apply(cparams), make_apply(cparams, features=True)
-    xte, _ = fashion_mnist("test")
-    mu_r, S_r = feature_stats(feat_fn(to_unit_range(xte)))
-    labels = np.repeat(np.arange(cfg.num_classes), args.per_class)
-    x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(args.seed),
-                                       (len(labels), cfg.in_channels, cfg.sample_size,
-                                        cfg.sample_size)))
-
-    def draw(params):
-        t0 = time.perf_counter()
-        outs = []
-        for i in range(0, len(labels), 100):
-            f = jax.jit(lambda xt, y: sample_dit(cfg, params, sched, y, steps=args.steps,
-                                                 guidance=args.guidance, x_T=xt))
-            outs.append(np.asarray(f(x_T[i:i + 100], labels[i:i + 100])))
-        return np.clip(np.concatenate(outs), -1.0, 1.0), time.perf_counter() - t0
-
-    def score(samples, ref):
-        acc = float(np.mean(np.argmax(logits_fn(samples), -1) == labels))
-        mu, S = feature_stats(feat_fn(samples))
-        row = {"acc": acc, "fd": float(frechet_distance(mu, S, mu_r, S_r))}
-        if ref is not None:
-            row |= {"mse": float(sample_mse(samples, ref)),
-                    "psnr": float(psnr(samples, ref, data_range=2.0))}
-        return row
-
-    fp_s, fp_secs = draw(m.params)
-    rows = [{"method": "fp", "width": "fp32", **score(fp_s, None), "calib_seconds": 0.0,
-             "sample_seconds": round(fp_secs, 1), "param_bytes": param_bytes(m.params)}]
+    h = Harness(args.model, per_class=args.per_class, steps=args.steps, guidance=args.guidance,
+                seed=args.seed)
+    rows = [h.fp_row()]
     print(f"fp: {rows[-1]}", flush=True)
-    grid = {"fp": fp_s}
-    calib = trajectory_batch(cfg, m.params, sched, n_per_class=4, steps=args.steps,
-                             guidance=args.guidance, seed=args.seed + 1)
-    held = trajectory_batch(cfg, m.params, sched, n_per_class=1, steps=5,
-                            guidance=args.guidance, seed=args.seed + 2)
-
-    def fwd(params):
-        return np.asarray(dit_forward(cfg, params, held["latents"], held["timesteps"],
-                                      held["class_labels"]))
-
-    out_fp = fwd(m.params)
+    grid = {"fp": h.fp_samples}
     for meth in args.methods.split(","):
         for w in args.widths.split(","):
-            recipe = load_recipe(f"dit_{meth}_{w}")
-            t0 = time.perf_counter()
-            res = calibrate(adapter_for(m), recipe, calib, progress=False)
-            secs = time.perf_counter() - t0
-            s, ssecs = draw(res.params)
-            # the integer path (int8 GEMM) against the fake-quant path on held-out inputs
-            out_int = fwd(res.params)
-            out_fake = fwd(with_act_mode(res.params, "fake"))
-            int_vs_fake = float(np.linalg.norm(out_int - out_fake) / np.linalg.norm(out_fake))
-            q_err = float(np.linalg.norm(out_fake - out_fp) / np.linalg.norm(out_fp))
-            rows.append({"method": meth, "width": w, **score(s, fp_s),
-                         "calib_seconds": round(secs, 1), "sample_seconds": round(ssecs, 1),
-                         "param_bytes": param_bytes(res.params),
-                         "eps_rel_err_vs_fp": q_err, "int_vs_fake_rel_diff": int_vs_fake})
+            row, s = h.run(load_recipe(f"dit_{meth}_{w}"), method=meth, width=w)
+            rows.append(row)
             grid[f"{meth} {w}"] = s
             print(f"{meth} {w}: {rows[-1]}", flush=True)
             with open(out, "w") as f:
-                json.dump({"date": date, "model": args.model, "classifier": cmeta,
+                json.dump({"date": date, "model": args.model, "classifier": h.cmeta,
                            "per_class": args.per_class, "steps": args.steps,
                            "guidance": args.guidance, "seed": args.seed, "rows": rows}, f,
                           indent=1)
-            del res
-    plot_grid(grid, labels, os.path.splitext(out)[0] + ".png")
-    print("| method | width | PSNR vs fp (dB) | MSE vs fp | class acc | FD | ε rel. err | "
-          "int vs fake | calib s | params MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['width']} | {r.get('psnr', float('inf')):.2f} | "
-              f"{r.get('mse', 0.0):.5f} | {r['acc']:.3f} | {r['fd']:.2f} | "
-              f"{r.get('eps_rel_err_vs_fp', 0.0):.4f} | {r.get('int_vs_fake_rel_diff', 0.0):.1e} | "
-              f"{r['calib_seconds']} | {r['param_bytes'] / 2**20:.2f} |")
+    plot_grid(grid, h.labels, os.path.splitext(out)[0] + ".png")
+    print_table(rows)
 
 
 def with_act_mode(tree, mode: str):

@@ -333,6 +333,8 @@ def _stage_needs(recipe, b, stage: Stage, ref: bool) -> tuple[frozenset, int]:
             continue
         algo = registry.get(r.algorithm)
         needs |= set(algo.needs)
+        if f"layers/{b}/{lin}" in getattr(recipe, "group_weights", {}):
+            needs.add("H_groups")
         if algo.token_budget is not None:
             budget = max(budget, algo.token_budget(r.opts))
     if not ref:
@@ -523,7 +525,9 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None):
     # linears sharing the input and the rule of a batchable algorithm: one matrix
     firsts = [r for r in rules.values() if r is not None]
     r0 = firsts[0] if firsts else None
+    gw = getattr(recipe, "group_weights", {})
     if (r0 is not None and len(stage.linears) > 1 and all(r is r0 for r in rules.values())
+            and not any(f"layers/{b}/{lin}" in gw for lin in stage.linears)
             and registry.get(r0.algorithm).batchable and not r0.spec.per_tensor
             and (r0.act is None or not r0.act.rotate)):
         t0 = time.perf_counter()
@@ -542,8 +546,12 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None):
         W = get_path(bp, f"{lin}/kernel")
         t0 = time.perf_counter()
         st_l = st
+        if path in gw:  # AdaTSQ: H' = Σ_t α_t X_tᵀ X_t
+            from jaxquant.algorithms.adatsq import weighted_hessian
+
+            st_l = dict(st, H=weighted_hessian(st["H_groups"], jnp.asarray(gw[path])))
         if r.act is not None and r.act.rotate and lin not in done:
-            W, st_l = _rotate_input(W, st, r.act.rotate)
+            W, st_l = _rotate_input(W, st_l, r.act.rotate)
         if lin in done:
             qa, extras, secs = done[lin]
         else:
@@ -565,6 +573,16 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None):
         secs = time.perf_counter() - t0 if lin not in done else done[lin][2]
         reports.append(LayerReport(path, r.algorithm, r.spec.bits, err, secs))
     return bp, state, reports
+
+
+class _WithGroupWeights:
+    """A recipe seen by the engine with per-linear sample-group weights attached."""
+
+    def __init__(self, recipe, group_weights):
+        self._recipe, self.group_weights = recipe, dict(group_weights)
+
+    def __getattr__(self, name):
+        return getattr(self._recipe, name)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -601,6 +619,7 @@ def calibrate(
     data_axis: str = "data",
     progress: bool = True,
     on_block_end: Callable[[int, dict], None] | None = None,
+    group_weights: dict | None = None,
 ) -> CalibrationResult:
     """Quantize ``model`` (a family adapter over a checkpoint or params in memory) with
     ``recipe`` on the calibration data ``calib`` (whatever the family's ``make_batch`` takes:
@@ -611,6 +630,9 @@ def calibrate(
       resume: continue from ``out_dir``'s progress (refused if model, recipe or data differ).
       mesh: shard the samples over ``mesh``'s ``data_axis`` (statistics are all-reduced).
       on_block_end: ``callback(block_index, info)`` after every block (tests, logging).
+      group_weights: ``{linear path: α [G]}``: that linear's algorithm reads the weighted
+        Hessian ``Σ_g α_g H_g`` over the batch's sample groups (``group``, e.g. timesteps:
+        AdaTSQ's Fisher-weighted temporal Hessian) instead of ``H``.
     """
     t_start = time.perf_counter()
     if recipe.rotation is not None:  # folded into the fp weights as each block is read
@@ -633,7 +655,10 @@ def calibrate(
         batch = model.make_batch(calib, n_samples=int(c["n_samples"]), seqlen=int(c["seqlen"]))
         check_batch(batch, spec)
     ref_kind = recipe.reference
-    fps = {"model": model.fingerprint(), "recipe": recipe.fingerprint(),
+    fps = {"model": model.fingerprint(), "recipe": recipe.fingerprint() + (
+               "+" + fingerprint_data({k: np.asarray(v, np.float32)
+                                       for k, v in group_weights.items()})
+               if group_weights else ""),
            "data": fingerprint_data(batch) if batch is not None else "none"}
 
     blocks: list = []
@@ -703,6 +728,15 @@ def calibrate(
         if final_dac and X_t is None:
             X_t = jnp.array(X, copy=True)
     n_groups = int(np.max(batch["group"])) + 1 if data and "group" in batch else 0
+    if group_weights:
+        if not n_groups:
+            raise ValueError("group_weights need a calibration batch with a 'group' field (the "
+                             "timestep group of every sample)")
+        for path, a in group_weights.items():
+            if np.shape(a) != (n_groups,):
+                raise ValueError(f"group_weights[{path!r}]: {np.shape(a)} weights for "
+                                 f"{n_groups} sample groups")
+    recipe = _WithGroupWeights(recipe, group_weights) if group_weights else recipe
 
     bar = tqdm(range(start, model.num_blocks), desc="calibrate", unit="block",
                disable=not progress, initial=start, total=model.num_blocks)

@@ -1,4 +1,4 @@
-"""Dynamic per-token activation quantization (the "A" of W4A4 / W8A8).
+"""Dynamic per-token activation quantization (the "A" of W4A4 / W8A8 / W3A3).
 
 Each token (a row along the last axis, the hidden dimension) gets its own symmetric scale at run
 time: ``s_t = clip_ratio * max_j |x[t, j]| / qmax`` with ``qmax = 2**(bits-1) - 1``, and
@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_ALLOWED_ACT_BITS = (4, 8)
+_ALLOWED_ACT_BITS = (2, 3, 4, 5, 6, 7, 8)  # the integer kernels take 4 and 8
 
 
 def _check(bits: int, clip_ratio: float) -> None:

@@ -9,6 +9,8 @@ each step is included too, since the model runs on it at inference.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,24 +29,80 @@ def dit_model_fn(cfg, params):
     return f
 
 
+def check_policy(policy, steps: int, n_options: int, *, names=None) -> np.ndarray:
+    """A per-step policy as int32 ``[steps]`` (option indices), refused by name when its length
+    is not the sampler's steps or an entry names no option."""
+    p = np.asarray(policy)
+    if p.ndim != 1 or p.shape[0] != steps:
+        raise ValueError(f"policy: {p.shape[0] if p.ndim == 1 else p.shape} entries for a "
+                         f"sampler of {steps} steps (one option per step)")
+    if not np.issubdtype(p.dtype, np.integer) or p.min() < 0 or p.max() >= n_options:
+        bad = [int(v) for v in p if not 0 <= int(v) < n_options]
+        raise ValueError(f"policy: option(s) {bad} out of range; there are {n_options} options"
+                         + (f" ({list(names)})" if names else ""))
+    return p.astype(np.int32)
+
+
+def policy_model_fn(cfg, option_params, schedule: NoiseSchedule, steps: int, policy):
+    """``model_fn(x, t, y)`` that runs, at the sampler step whose timestep is ``t``, the option
+    ``policy[step]`` of ``option_params`` (a list of param trees: all present, the choice made by
+    ``lax.switch`` inside the jitted loop, so a policy change recompiles nothing). ``policy`` may
+    be a traced int32 ``[steps]``."""
+    from jaxquant.models.dit.model import dit_forward
+
+    ts = np.asarray(schedule.ddim_tables(steps)["timesteps"]).astype(np.int64)
+    table = np.zeros(int(ts.max()) + 1, np.int32)
+    table[ts] = np.arange(steps, dtype=np.int32)  # timestep -> step index
+    table = jnp.asarray(table)
+    branches = [functools.partial(lambda p, x, t, y: dit_forward(cfg, p, x, t, y), p)
+                for p in option_params]
+
+    def f(x, t, y):
+        i = table[jnp.clip(t[0].astype(jnp.int32), 0, table.shape[0] - 1)]
+        return jax.lax.switch(jnp.asarray(policy)[i], branches, x, t, y)
+
+    return f
+
+
+def sample_dit_policy(cfg, option_params, schedule: NoiseSchedule, labels, policy, *,
+                      steps: int = 50, guidance: float = 1.5, seed: int = 0, x_T=None,
+                      step_range=None):
+    """:func:`sample_dit` with a per-step choice among ``option_params`` (e.g. the W8A8, W4A4 and
+    W3A3 models): step ``i`` runs ``option_params[policy[i]]``. ``step_range`` resumes a cached
+    prefix (see :func:`jaxquant.diffusion.samplers.ddim_sample`)."""
+    if not option_params:
+        raise ValueError("sample_dit_policy: no options (a list of calibrated param trees)")
+    if isinstance(policy, list | tuple | np.ndarray):
+        policy = check_policy(policy, steps, len(option_params))
+    elif jnp.shape(policy) != (steps,):
+        raise ValueError(f"policy: shape {jnp.shape(policy)} for a sampler of {steps} steps")
+    fn = policy_model_fn(cfg, option_params, schedule, steps, policy)
+    return sample_dit(cfg, None, schedule, labels, steps=steps, guidance=guidance, seed=seed,
+                      x_T=x_T, model_fn=fn, step_range=step_range)
+
+
 def sample_dit(cfg, params, schedule: NoiseSchedule, labels, *, steps: int = 50,
-               guidance: float = 1.5, seed: int = 0, x_T=None, return_trajectory: bool = False):
+               guidance: float = 1.5, seed: int = 0, x_T=None, return_trajectory: bool = False,
+               model_fn=None, step_range=None):
     """DDIM samples ``[B, C, H, W]`` of a class-conditional DiT for ``labels`` ``[B]`` from the
-    noise of ``seed`` (or ``x_T``): the same call for an fp and a quantized ``params``."""
+    noise of ``seed`` (or ``x_T``): the same call for an fp and a quantized ``params`` (or a
+    ``model_fn(x, t, y)`` in their place, e.g. :func:`policy_model_fn`). ``step_range``: run
+    only those steps, ``x_T`` being the latent before the first."""
     labels = jnp.asarray(labels).astype(jnp.int32)
     b = labels.shape[0]
     shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     if x_T is None:
         x_T = initial_noise(jax.random.PRNGKey(seed), shape)
     learned = cfg.out_channels == 2 * cfg.in_channels
-    base = dit_model_fn(cfg, params)
+    base = dit_model_fn(cfg, params) if model_fn is None else model_fn
     if guidance > 1.0:
         fn = classifier_free_guidance(base, guidance, cfg.num_classes, learned_sigma=learned,
                                       channel_axis=1)
     else:
         fn = base
     return ddim_sample(fn, schedule, jnp.asarray(x_T), steps, cond=labels, learned_sigma=learned,
-                       channel_axis=1, return_trajectory=return_trajectory)
+                       channel_axis=1, return_trajectory=return_trajectory,
+                       step_range=step_range)
 
 
 def trajectory_batch(cfg, params, schedule: NoiseSchedule, *, n_per_class: int = 4,

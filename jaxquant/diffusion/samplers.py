@@ -167,8 +167,14 @@ def ddim_sample(model_fn: Callable, schedule: NoiseSchedule, x_T: Array,
                 num_inference_steps: int, *, cond: Any = None, eta: float = 0.0,
                 key: Array | None = None, noise: Array | None = None,
                 use_clipped_model_output: bool = False, learned_sigma: bool = False,
-                channel_axis: int = -1, return_trajectory: bool = False):
+                channel_axis: int = -1, return_trajectory: bool = False,
+                step_range: tuple[Any, Any] | None = None):
     """DDIM sampling from ``x_T`` ``[B, ...]`` to ``x_0`` ``[B, ...]``.
+
+    ``step_range = (lo, hi)`` (ints or traced int scalars) runs only steps ``lo <= i < hi`` of the
+    ``num_inference_steps`` (the others pass ``x`` through without calling the model): ``x_T`` is
+    then the latent before step ``lo`` and the result the latent after step ``hi - 1``, so a
+    trajectory can be resumed from a cached prefix under one compilation.
 
     Step ``i`` at timestep ``t`` with ``a = alpha_bar[t]``, ``a' = alpha_bar[t - T // n]`` (the
     final alpha past 0): predicted ``x0`` and ``eps`` by ``schedule.prediction_type``, ``x0``
@@ -211,7 +217,7 @@ def ddim_sample(model_fn: Callable, schedule: NoiseSchedule, x_T: Array,
     pt, clip, r = schedule.prediction_type, schedule.clip_sample, float(schedule.clip_sample_range)
     B, dtype = x_T.shape[0], x_T.dtype
 
-    def body(x, s):
+    def step(x, s):
         x_in, x0, eps, _ = _predict(call, x, s, B, dtype, pt, clip, r, learned_sigma,
                                     channel_axis)
         if use_clipped_model_output:
@@ -220,6 +226,15 @@ def ddim_sample(model_fn: Callable, schedule: NoiseSchedule, x_T: Array,
         if eta > 0:
             z = s["z"] if "z" in s else step_noise(key, s["i"], x.shape)
             x_new = x_new + s["std"] * z
+        return x_new, x_in
+
+    def body(x, s):
+        if step_range is None:
+            x_new, x_in = step(x, s)
+        else:  # skipped steps run no model (lax.cond executes one branch)
+            lo, hi = step_range
+            x_new, x_in = jax.lax.cond((s["i"] >= lo) & (s["i"] < hi), step,
+                                       lambda x, s: (x, x.astype(dtype)), x, s)
         return x_new, ((x_in, s["t"]) if return_trajectory else None)
 
     x, traj = jax.lax.scan(body, x_T.astype(_F32), xs)

@@ -31,7 +31,8 @@ _logged: set[str] = set()
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class ActQuant:
-    """How a linear quantizes its input: dynamic per-token, ``bits`` (4 or 8), symmetric, the
+    """How a linear quantizes its input: dynamic per-token, ``bits`` (2..8; the integer path takes
+    4 and 8), symmetric, the
     per-token range scaled by ``clip_ratio``. ``mode="int"`` runs integer products through the
     int kernels (:func:`jaxquant.kernels.dispatch.int_quant_matmul`) when the weight is a QArray
     they take; ``"fake"`` quantizes and dequantizes the activation, then multiplies in float.
@@ -49,8 +50,11 @@ class ActQuant:
                                            or not hadamard_orders_supported(self.rotate)):
             raise ValueError(f"ActQuant.rotate must be 0 (off), -1 (the input width) or a "
                              f"Hadamard order jaxquant can build, got {self.rotate!r}")
-        if self.bits not in (4, 8):
-            raise ValueError(f"ActQuant.bits must be 4 or 8, got {self.bits!r}")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"ActQuant.bits must be an integer in 2..8, got {self.bits!r}")
+        if self.mode == "int" and self.bits not in (4, 8):
+            raise ValueError(f"ActQuant.bits must be 4 or 8 for mode 'int' (the integer "
+                             f"kernels); got {self.bits!r}: use mode 'fake'")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"ActQuant.clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
         if self.mode not in ("int", "fake"):

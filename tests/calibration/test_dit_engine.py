@@ -127,9 +127,12 @@ def test_bad_dit_batches_and_recipes(tiny):
         load_recipe({**base, "rules": [{**base["rules"][0], "activations": {"bits": 8}}]})
     with pytest.raises(RecipeError, match=r"activations: unknown key\(s\) \['bitz'\]"):
         load_recipe({**base, "rules": [{**base["rules"][0], "activations": {"bitz": 8}}]})
-    with pytest.raises(RecipeError, match=r"ActQuant\.bits must be 4 or 8"):
+    with pytest.raises(RecipeError, match=r"ActQuant\.bits must be an integer in 2\.\.8"):
         load_recipe({**base, "rules": [{**base["rules"][0],
-                                        "activations": {"bits": 6, "mode": "fake"}}]})
+                                        "activations": {"bits": 9, "mode": "fake"}}]})
+    sym = {"pattern": ".*", "algorithm": "rtn", "spec": {"bits": 4, "symmetric": True}}
+    with pytest.raises(RecipeError, match=r"4 or 8 for mode 'int'.*use mode 'fake'"):
+        load_recipe({**base, "rules": [{**sym, "activations": {"bits": 3}}]})
 
 
 def test_smoothing_folds_leave_the_fp_block_unchanged(tiny):

@@ -8,7 +8,7 @@ import pytest
 from jaxquant.core import dequantize_per_token, fake_quant_per_token, quantize_per_token
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 def test_per_token_error_and_range(bits):
     x = jax.random.normal(jax.random.key(0), (2, 7, 64), jnp.float32) * jnp.arange(
         1, 8, dtype=jnp.float32
@@ -39,4 +39,4 @@ def test_zero_token_and_ste():
 
 def test_bad_activation_bits():
     with pytest.raises(ValueError, match="activation bits"):
-        quantize_per_token(jnp.ones((2, 4), jnp.float32), bits=3)
+        quantize_per_token(jnp.ones((2, 4), jnp.float32), bits=1)
