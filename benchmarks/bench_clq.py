@@ -57,8 +57,8 @@ def variant(name: str):
                 body.pop("options", None)
         elif k == "grid_a":
             lo = float(v)
-            d["clps"]["grid_a"] = [round(1.0 - 0.05 * i, 2) for i in range(int(round((1 - lo)
-                                                                               / 0.05)) + 1)]
+            n = round((1.0 - lo) / 0.05)
+            d["clps"]["grid_a"] = [round(1.0 - 0.05 * i, 2) for i in range(n + 1)]
         elif k == "downstream":
             d["clps"]["downstream"] = v
         else:

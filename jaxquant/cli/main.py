@@ -121,9 +121,12 @@ def cmd_quantize(args) -> dict:
 
     import jaxquant as jq
     from jaxquant.calibration import report
+    from jaxquant.diffusion.adatsq import is_adatsq
     from jaxquant.models.assets import resolve_model_path
     from jaxquant.recipes import load_recipe
 
+    if is_adatsq(args.recipe):
+        return _quantize_adatsq(args)
     recipe = load_recipe(args.recipe)
     path = resolve_model_path(args.model)
     # the command line overrides the recipe's calibration sizes
@@ -149,39 +152,78 @@ def cmd_quantize(args) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def _dit_scheduler(model_dir: str):
+    from jaxquant.diffusion.schedules import NoiseSchedule
+    from jaxquant.eval.dit import find_scheduler
+
+    f = find_scheduler(model_dir)
+    if f is None:
+        raise FileNotFoundError(f"{model_dir}: no scheduler/scheduler_config.json beside the "
+                                "transformer (a diffusers pipeline directory has one)")
+    with open(f) as fh:
+        return f, NoiseSchedule.from_config(json.load(fh), ignore_unknown=True)
+
+
+def _quantize_adatsq(args) -> dict:
+    """``jaxquant quantize --recipe adatsq_*``: Fisher weights, option models, policy search."""
+    from jaxquant.diffusion.adatsq import load_adatsq_recipe, run_adatsq, save_adatsq
+    from jaxquant.models import dit
+
+    rec = load_adatsq_recipe(args.recipe)
+    m = dit.load_diffusers(args.model)
+    if m.config.kind != "dit":
+        raise ValueError(f"{args.model}: AdaTSQ recipes search per-step policies of a "
+                         f"class-conditional DiT; this is a {m.config.kind!r} transformer")
+    sched_file, sched = _dit_scheduler(args.model)
+    res = run_adatsq(m, rec, sched, progress=True)
+    save_adatsq(args.out, m, res, scheduler_file=sched_file)
+    s = res.search
+    print(_table([("recipe", rec.name), ("policy", " ".join(rec.names[k] for k in s.policy)),
+                  ("average bits", f"{s.avg_bits:.3f} (budget {rec.budget:g})"),
+                  ("search MSE", f"{s.error:.3g}"), ("prefixes scored", str(s.evaluated)),
+                  ("seconds", ", ".join(f"{k} {v:.1f}" for k, v in res.seconds.items())),
+                  ("saved", args.out)]))
+    return {"model": args.model, "recipe": rec.name, "out": args.out,
+            "policy": [rec.names[k] for k in s.policy], "avg_bits": s.avg_bits,
+            "search_error": s.error, "seconds": {k: round(v, 2) for k, v in res.seconds.items()}}
+
+
 def cmd_sample(args) -> dict:
     """Class-conditional DDIM samples of a diffusers DiT (optionally quantized in memory with a
     recipe, calibrated on the fp model's own trajectories) saved as a grid PNG."""
     import jax
 
     from jaxquant.calibration.engine import calibrate
+    from jaxquant.diffusion.adatsq import POLICY_FILE, load_adatsq
     from jaxquant.diffusion.calibration import sample_dit, trajectory_batch
-    from jaxquant.diffusion.schedules import NoiseSchedule
     from jaxquant.models import dit
     from jaxquant.models.loading import adapter_for
     from jaxquant.models.quantized import is_quantized_dir
     from jaxquant.recipes import load_recipe
 
-    m = _load(args.model) if is_quantized_dir(args.model) else dit.load_diffusers(args.model)
-    cfg = m.config
+    policy = None
+    if os.path.isfile(os.path.join(args.model, POLICY_FILE)):  # an AdaTSQ result
+        cfg, options, policy, _ = load_adatsq(args.model)
+        if args.steps != len(policy):
+            raise ValueError(f"{args.model}/{POLICY_FILE}: the policy has {len(policy)} steps; "
+                             f"sample with --steps {len(policy)} (got --steps {args.steps})")
+        if args.recipe:
+            raise ValueError("--recipe: an AdaTSQ result is already quantized")
+        m = None
+    else:
+        m = _load(args.model) if is_quantized_dir(args.model) \
+            else dit.load_diffusers(args.model)
+        cfg = m.config
     if cfg.kind != "dit":
         raise ValueError(f"{args.model}: 'sample' draws class-conditional DiT samples; this is a "
                          f"{cfg.kind!r} transformer")
-    sched_path = os.path.join(args.model, "scheduler", "scheduler_config.json")
-    if not os.path.exists(sched_path):
-        sched_path = os.path.join(os.path.dirname(os.path.normpath(args.model)), "scheduler",
-                                  "scheduler_config.json")
-    if not os.path.exists(sched_path):
-        raise FileNotFoundError(f"{args.model}: no scheduler/scheduler_config.json beside the "
-                                "transformer (a diffusers pipeline directory has one)")
-    with open(sched_path) as f:
-        sched = NoiseSchedule.from_config(json.load(f), ignore_unknown=True)
+    _, sched = _dit_scheduler(args.model)
     classes = list(range(cfg.num_classes)) if args.classes == "all" else \
         [int(c) for c in args.classes.split(",")]
     bad = [c for c in classes if not 0 <= c < cfg.num_classes]
     if bad:
         raise ValueError(f"--classes: {bad} outside the model's classes [0, {cfg.num_classes})")
-    params, calib_s = m.params, 0.0
+    params, calib_s = (m.params if m is not None else None), 0.0
     if args.recipe:
         recipe = load_recipe(args.recipe)
         t0 = time.perf_counter()
@@ -191,9 +233,16 @@ def cmd_sample(args) -> dict:
         calib_s = time.perf_counter() - t0
     labels = np.repeat(np.asarray(classes, np.int32), args.per_class)
     t0 = time.perf_counter()
-    samples = np.asarray(jax.jit(lambda y: sample_dit(cfg, params, sched, y, steps=args.steps,
-                                                      guidance=args.guidance,
-                                                      seed=args.seed))(labels))
+    if policy is not None:
+        from jaxquant.diffusion.calibration import sample_dit_policy
+
+        samples = np.asarray(jax.jit(lambda y: sample_dit_policy(
+            cfg, options, sched, y, np.asarray(policy), steps=args.steps,
+            guidance=args.guidance, seed=args.seed))(labels))
+    else:
+        samples = np.asarray(jax.jit(lambda y: sample_dit(
+            cfg, params, sched, y, steps=args.steps, guidance=args.guidance,
+            seed=args.seed))(labels))
     secs = time.perf_counter() - t0
     _save_grid(samples, len(classes), args.out)
     print(_table([("model", args.model), ("recipe", args.recipe or "fp"),
