@@ -15,10 +15,10 @@ from jaxquant.kernels.int_matmul import (
 )
 
 
-def _numpy_oracle(x, qa, act_bits):
+def _numpy_oracle(x, qa, act_bits, act_clip=1.0):
     x = np.asarray(x, np.float64)
     qmax = 2 ** (act_bits - 1) - 1
-    amax = np.abs(x).max(-1, keepdims=True)
+    amax = np.float32(act_clip) * np.abs(x).max(-1, keepdims=True).astype(np.float32)
     sx = np.where(amax > 0, np.float32(amax) / np.float32(qmax), 1.0).astype(np.float32)
     xq = np.clip(np.round(x.astype(np.float32) / sx), -qmax, qmax).astype(np.int64)
     wq = np.asarray(qa.codes(), np.int64) - 2 ** (qa.spec.bits - 1)
@@ -50,6 +50,27 @@ def test_int_matmuls_equal_the_integer_oracle(wbits, abits, gs):
     if wbits == 8 and abits == 8:
         dense = np.asarray(x) @ np.asarray(w)
         assert np.abs(np.asarray(got) - dense).max() < 0.05 * np.abs(dense).max()
+
+
+@pytest.mark.parametrize("act_clip", [0.9, 0.6])
+def test_int_matmuls_honour_the_activation_clip(act_clip):
+    """CLQ's searched activation clip ratio on the integer path: every kernel quantizes tokens on
+    the clipped range, as the numpy oracle does (and unlike the unclipped product)."""
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_normal((256, 96)).astype(np.float32))
+    qa = jq.quantize(w, jq.QuantSpec(bits=4, group_size=-1, symmetric=True))
+    x = rng.standard_normal((33, 256)).astype(np.float32)
+    x[:, 5] *= 15.0  # an outlier channel that the clip saturates
+    x = jnp.asarray(x)
+    ref = _numpy_oracle(x, qa, 4, act_clip)
+    tol = 1e-5 * np.abs(ref).max()
+    for f in (int_matmul_reference, int_matmul_xla):
+        np.testing.assert_allclose(np.asarray(f(x, qa, act_bits=4, act_clip=act_clip)), ref,
+                                   atol=tol)
+    for f in (int_matmul_pallas_tpu, int_matmul_pallas_gpu):
+        np.testing.assert_allclose(np.asarray(f(x, qa, act_bits=4, act_clip=act_clip,
+                                                interpret=True)), ref, atol=tol)
+    assert np.abs(ref - _numpy_oracle(x, qa, 4)).max() > 100 * tol
 
 
 def test_int_kernel_lowers_for_tpu_and_refuses_unsupported():
