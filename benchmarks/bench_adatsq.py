@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--split", choices=tuple(SPLITS), default="test")
     ap.add_argument("--budgets", default="4,3")
     ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--rollout", default="budget", help="budget | fp")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--search-per-class", type=int, default=2)
     ap.add_argument("--search-seed", type=int, default=7)
@@ -128,7 +129,7 @@ def main() -> None:
             t = time.perf_counter()
             res = search_policy(cfg, params, costs, budget, m.params, sched, labels_s, x_s,
                                 steps=steps, guidance=g, beam_width=args.beam_width,
-                                names=names, progress=False)
+                                rollout=args.rollout, names=names, progress=False)
             search_s = time.perf_counter() - t
             variants.append(("adatsq" if fisher else "search only", list(res.policy), search_s,
                              res))
@@ -176,7 +177,7 @@ def _dump(out, date, args, sp, h, alpha, I, rows):
     with open(out, "w") as f:
         json.dump({"date": date, "split": args.split, **sp, "model": args.model,
                    "classifier": h.cmeta, "steps": args.steps, "guidance": args.guidance,
-                   "beam_width": args.beam_width, "temperature": args.temperature,
+                   "beam_width": args.beam_width, "rollout": args.rollout, "temperature": args.temperature,
                    "search_per_class": args.search_per_class, "search_seed": args.search_seed,
                    "fisher_per_step": args.fisher_per_step,
                    "fisher_mean_over_layers": np.mean(np.stack(list(I.values())), 0).tolist(),

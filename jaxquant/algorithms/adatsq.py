@@ -14,8 +14,8 @@ noise) subject to ``(1/T) Σ_t cost(b_t) <= B``. The search walks the steps in s
 * pruning: prefixes that can no longer meet the budget (``cost + (T − t) · min cost > B · T``),
   then **Pareto pruning** on (cost, error) among prefixes of the same length (a prefix another
   one dominates — no more bits, no more error — is dropped), then the ``beam_width`` survivors
-  spread evenly along the front by cost (the lowest-error one always kept; ``None``: the whole
-  front);
+  spread evenly along the front by cost (the lowest-error one, and the lowest-error one whose own
+  average is within the budget, always kept; ``None``: the whole front);
 * result: the lowest-error full policy within the budget, and the Pareto front of every full
   policy evaluated.
 
@@ -111,8 +111,15 @@ def prune(cands: list[Candidate], *, depth: int, n_steps: int, budget: float, mi
     if beam_width is None or len(front) <= beam_width:
         return front
     best = min(range(len(front)), key=lambda i: front[i].error)
-    pick = set(np.round(np.linspace(0, len(front) - 1, beam_width - 1)).astype(int).tolist())
-    pick.add(best)
+    # on track: a prefix whose own average is within the budget
+    on_track = [i for i in range(len(front)) if front[i].cost <= budget * depth + 1e-9]
+    keep = {best} | ({min(on_track, key=lambda i: front[i].error)} if on_track else set())
+    pick = set(np.round(np.linspace(0, len(front) - 1,
+                                    max(beam_width - len(keep), 1))).astype(int).tolist())
+    pick |= keep
+    if len(pick) > beam_width:  # the spread points give way to the kept ones
+        pick = keep | set(sorted(pick - keep, key=lambda i: front[i].error)[
+            :max(beam_width - len(keep), 0)])
     i = 0
     while len(pick) < beam_width:  # rounding collisions: fill from the low-error end
         j = sorted(range(len(front)), key=lambda k: front[k].error)[i]
@@ -126,13 +133,17 @@ def beam_search(n_steps: int, costs: Sequence[float], budget: float,
                 score: Callable[[Any, int, tuple[int, ...]], float], init_state: Any = None, *,
                 beam_width: int | None = 4, progress: bool = True,
                 names: Sequence[str] | None = None,
-                on_depth: Callable[[int, list[Candidate]], None] | None = None) -> SearchResult:
+                on_depth: Callable[[int, list[Candidate]], None] | None = None,
+                evaluate: Callable[[tuple[int, ...]], float] | None = None) -> SearchResult:
     """The lowest-error policy (one option per step) whose average cost is within ``budget``.
 
     ``expand(state, i, k)``: the state after running step ``i`` with option ``k`` from ``state``
     (the latent before step ``i``); ``score(state, i, policy)``: the error of the prefix
     ``policy`` (length ``i``) whose state is ``state`` (at ``i == n_steps``: the final error).
-    ``on_depth(depth, survivors)`` sees the beam after each step's pruning.
+    ``on_depth(depth, survivors)`` sees the beam after each step's pruning. ``evaluate(policy)``
+    (the error of a whole policy), when given, also scores every uniform policy within the
+    budget, and the result is the best of those and the searched ones: the search never returns
+    a policy worse, on its own data, than a uniform one it could have chosen.
     """
     costs = [float(c) for c in costs]
     if not costs:
@@ -172,6 +183,14 @@ def beam_search(n_steps: int, costs: Sequence[float], budget: float,
         bar.set_postfix(best=f"{min(c.error for c in beam):.3g}", beam=len(beam))
     if not beam:
         raise RuntimeError("beam_search: no feasible policy (budget pruning emptied the beam)")
+    if evaluate is not None:
+        for k, ck in enumerate(costs):
+            if ck <= budget + 1e-9:
+                pol = (k,) * n_steps
+                if not any(c.policy == pol for c in finals):
+                    finals.append(Candidate(pol, ck * n_steps, float(evaluate(pol))))
+                    beam.append(finals[-1])
+                    evaluated += 1
     best = min(beam, key=lambda c: (c.error, c.cost))
     fr = [finals[j] for j in pareto_front([(c.cost, c.error) for c in finals])]
     return SearchResult(best.policy, best.cost / n_steps, best.error,

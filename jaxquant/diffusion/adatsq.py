@@ -11,7 +11,7 @@ An AdaTSQ recipe (``configs/recipes/adatsq_*.yaml``, ``kind: adatsq``)::
       - {name: w8a8, recipe: dit_gptq_w8a8, cost: 8}
       - {name: w4a4, recipe: dit_gptq_w4a4, cost: 4}
       - {name: w3a3, recipe: dit_gptq_w3a3, cost: 3}
-    search: {beam_width: 4, rollout: fp, n_per_class: 2, seed: 7}
+    search: {beam_width: 4, rollout: budget, n_per_class: 2, seed: 7}
     fisher: {temperature: 1.0, n_per_step: 16}   # or false: plain (uniform) Hessians
     sampler: {steps: 25, guidance: 1.5}
     calibration: {n_per_class: 4, seed: 1}
@@ -38,7 +38,7 @@ from jaxquant.algorithms.adatsq import SearchResult, fisher_weights
 POLICY_FILE = "policy.json"
 _KEYS = {"name", "kind", "description", "budget", "options", "search", "fisher", "sampler",
          "calibration"}
-_SEARCH = {"beam_width": 4, "rollout": "fp", "n_per_class": 2, "seed": 7}
+_SEARCH = {"beam_width": 4, "rollout": "budget", "n_per_class": 2, "seed": 7}
 _FISHER = {"temperature": 1.0, "n_per_step": 16, "seed": 0}
 _SAMPLER = {"steps": 25, "guidance": 1.5}
 _CALIB = {"n_per_class": 4, "seed": 1}
@@ -134,8 +134,9 @@ def load_adatsq_recipe(name_or_path) -> AdaTSQRecipe:
 
     search = section("search", _SEARCH)
     r = search["rollout"]
-    if r != "fp" and r not in [o[0] for o in options]:
-        raise RecipeError(f"{src}: search.rollout must be 'fp' or an option name, got {r!r}")
+    if r not in ("fp", "budget") and r not in [o[0] for o in options]:
+        raise RecipeError(f"{src}: search.rollout must be 'budget', 'fp' or an option name, got "
+                          f"{r!r}")
     return AdaTSQRecipe(d.get("name", src), float(b), tuple(options), search,
                         section("fisher", _FISHER), section("sampler", _SAMPLER),
                         section("calibration", _CALIB), src)
@@ -202,7 +203,8 @@ def run_adatsq(m, rec: AdaTSQRecipe, schedule, *, calib: dict | None = None,
                 print(f"AdaTSQ option {name} ({rname}) calibrated", flush=True)
         secs["calibration"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rollout = sr["rollout"] if sr["rollout"] == "fp" else rec.names.index(sr["rollout"])
+    rollout = sr["rollout"] if sr["rollout"] in ("fp", "budget") \
+        else rec.names.index(sr["rollout"])
     result = search_policy(cfg, option_params, rec.costs, rec.budget, m.params, schedule,
                            labels, x_T, steps=steps, guidance=guidance,
                            beam_width=sr["beam_width"], rollout=rollout, names=rec.names,

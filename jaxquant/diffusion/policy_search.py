@@ -4,8 +4,10 @@
 The error of a policy is the mean squared difference between its final samples and the fp
 model's from the same calibration noise and classes. A prefix's state is its cached latent; an
 expansion runs one step from it (``step_range``), and a prefix is scored by rolling the remaining
-steps out with the ``rollout`` option (default: the fp model, so the score is the damage the
-prefix itself does) under one compiled function whatever the prefix.
+steps out with the ``rollout`` option (default ``"budget"``: the costliest option within the
+budget, so a prefix's score is the error of the whole policy it would be if the rest stayed at the
+budget's uniform width; ``"fp"``: the damage the prefix itself does) under one compiled function
+whatever the prefix.
 """
 
 from __future__ import annotations
@@ -21,14 +23,19 @@ from jaxquant.diffusion.schedules import NoiseSchedule
 
 def search_policy(cfg, option_params: list, costs, budget: float, fp_params: dict,
                   schedule: NoiseSchedule, labels, x_T, *, steps: int, guidance: float = 1.5,
-                  beam_width: int | None = 4, rollout: str | int = "fp", names=None,
+                  beam_width: int | None = 4, rollout: str | int = "budget", names=None,
                   progress: bool = True) -> SearchResult:
     """The lowest-error per-step policy over ``option_params`` (costs = average bits) within the
-    average ``budget``; see the module docstring."""
+    average ``budget``; see the module docstring. ``rollout``: ``"budget"`` (the costliest
+    option within the budget: a prefix is scored as the whole policy it would be if the rest
+    stayed at the budget's uniform width), ``"fp"``, or an option index."""
     n_opt = len(option_params)
     if n_opt != len(costs):
         raise ValueError(f"{n_opt} options but {len(costs)} costs")
-    opts = [*option_params, fp_params]  # the last: the fp model (the default rollout)
+    opts = [*option_params, fp_params]  # the last: the fp model
+    if rollout == "budget":
+        within = [k for k in range(n_opt) if costs[k] <= budget + 1e-9]
+        rollout = max(within, key=lambda k: costs[k]) if within else "fp"
     r = n_opt if rollout == "fp" else int(rollout)
     if not 0 <= r <= n_opt:
         raise ValueError(f"rollout must be 'fp' or an option index < {n_opt}, got {rollout!r}")
@@ -56,8 +63,13 @@ def search_policy(cfg, option_params: list, costs, budget: float, fp_params: dic
             x = advance(x, jnp.int32(i), jnp.int32(steps), jnp.full((steps,), r, jnp.int32))
         return float(mse(x))
 
+    def evaluate(policy):
+        return score(advance(x_T, jnp.int32(0), jnp.int32(steps), jnp.asarray(policy,
+                                                                              jnp.int32)),
+                     steps, policy)
+
     return beam_search(steps, costs, budget, expand, score, x_T, beam_width=beam_width,
-                       progress=progress, names=names)
+                       progress=progress, names=names, evaluate=evaluate)
 
 
 def policy_error(cfg, option_params: list, policy, fp_params: dict, schedule: NoiseSchedule,

@@ -58,7 +58,7 @@ def test_bad_adatsq_recipes():
         load_adatsq_recipe({**RECIPE, "options": [RECIPE["options"][0],
                                                   {"name": "x", "recipe": "dit_gptq_w1a1",
                                                    "cost": 1}]})
-    with pytest.raises(RecipeError, match=r"search\.rollout must be 'fp' or an option name"):
+    with pytest.raises(RecipeError, match=r"search\.rollout must be 'budget', 'fp' or an opt"):
         load_adatsq_recipe({**RECIPE, "search": {"rollout": "w2"}})
     with pytest.raises(RecipeError, match=r"unknown key\(s\) \['beam'\]"):
         load_adatsq_recipe({**RECIPE, "beam": 4})
