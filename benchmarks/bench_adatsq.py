@@ -34,10 +34,14 @@ SPLITS = {"val": {"seed": 1000, "calib_seed": 1001, "per_class": 10},
           "test": {"seed": 0, "calib_seed": 1, "per_class": 30}}
 BUDGETS = {4.0: {"options": [("w8a8", "dit_gptq_w8a8", 8.0), ("w4a4", "dit_gptq_w4a4", 4.0),
                              ("w3a3", "dit_gptq_w3a3", 3.0)], "uniform": "w4a4",
-                 "clq": "clq_w4a4"},
+                 "clq": "clq_w4a4",
+                 "clq_options": [("w8a8", "dit_gptq_w8a8", 8.0), ("clq_w4a4", "clq_w4a4", 4.0),
+                                 ("clq_w3a3", "clq_w3a3", 3.0)]},
            3.0: {"options": [("w4a4", "dit_gptq_w4a4", 4.0), ("w3a3", "dit_gptq_w3a3", 3.0),
                              ("w2a4", "dit_gptq_w2a4", 3.0)], "uniform": "w3a3",
-                 "clq": "clq_w3a3"}}
+                 "clq": "clq_w3a3",
+                 "clq_options": [("clq_w4a4", "clq_w4a4", 4.0), ("clq_w3a3", "clq_w3a3", 3.0),
+                                 ("w2a4", "dit_gptq_w2a4", 3.0)]}}
 
 
 def main() -> None:
@@ -59,6 +63,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="4,3")
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--rollout", default="budget", help="budget | fp")
+    ap.add_argument("--with-clq-options", action="store_true",
+                    help="also search over CLQ option models (the two methods composed)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--search-per-class", type=int, default=2)
     ap.add_argument("--search-seed", type=int, default=7)
@@ -163,6 +169,30 @@ def main() -> None:
         grid[f"clq {budget:g}"] = cs
         print(f"budget {budget:g} clq: psnr {crow['psnr']:.2f} fd {crow['fd']:.2f}", flush=True)
         _dump(out, date, args, sp, h, alpha, I, rows)
+        if args.with_clq_options:  # the search on top of CLQ's option models
+            co = spec["clq_options"]
+            cparams = [option(r, False)[0] for _, r, _ in co]
+            cnames, ccosts = [o[0] for o in co], [o[2] for o in co]
+            t = time.perf_counter()
+            r = search_policy(cfg, cparams, ccosts, budget, m.params, sched, labels_s, x_s,
+                              steps=steps, guidance=g, beam_width=args.beam_width,
+                              rollout=args.rollout, names=cnames, progress=False)
+            ssec = time.perf_counter() - t
+            s, secs = draw_policy(cparams, list(r.policy))
+            row = {"method": "adatsq search over clq options", "width": f"avg{budget:g}",
+                   "budget": budget, "policy": [cnames[k] for k in r.policy],
+                   "avg_bits": r.avg_bits, **h.score(s, h.fp_samples), "search_mse": r.error,
+                   "calib_seconds": round(sum(option(rn, False)[1] for _, rn, _ in co), 1),
+                   "search_seconds": round(ssec, 1), "sample_seconds": round(secs, 1),
+                   "param_bytes": sum(param_bytes(p) for p in cparams),
+                   "search_evaluated": r.evaluated}
+            rows.append(row)
+            grid[f"adatsq+clq {budget:g}"] = s
+            print(f"budget {budget:g} adatsq over clq: psnr {row['psnr']:.2f} fd {row['fd']:.2f} "
+                  f"policy {' '.join(row['policy'])}", flush=True)
+            _dump(out, date, args, sp, h, alpha, I, rows)
+            plot_front(r, f"{stem}_pareto_b{budget:g}_clq.png", budget=budget, names=cnames,
+                       costs=ccosts)
         for fisher in (False, True):
             tag = "fisher" if fisher else "plain"
             plot_front(fronts[(budget, fisher)], f"{stem}_pareto_b{budget:g}_{tag}.png",
@@ -177,7 +207,8 @@ def _dump(out, date, args, sp, h, alpha, I, rows):
     with open(out, "w") as f:
         json.dump({"date": date, "split": args.split, **sp, "model": args.model,
                    "classifier": h.cmeta, "steps": args.steps, "guidance": args.guidance,
-                   "beam_width": args.beam_width, "rollout": args.rollout, "temperature": args.temperature,
+                   "beam_width": args.beam_width, "rollout": args.rollout,
+                   "temperature": args.temperature,
                    "search_per_class": args.search_per_class, "search_seed": args.search_seed,
                    "fisher_per_step": args.fisher_per_step,
                    "fisher_mean_over_layers": np.mean(np.stack(list(I.values())), 0).tolist(),
