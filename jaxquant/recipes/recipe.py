@@ -238,6 +238,11 @@ def _unknown(keys, allowed, where: str) -> None:
 def recipe_from_dict(d: dict, *, source: str = "<dict>") -> Recipe:
     if not isinstance(d, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping, got {type(d).__name__}")
+    if d.get("kind") == "adatsq":
+        raise RecipeError(f"{source}: an AdaTSQ recipe (kind: adatsq: option models plus a "
+                          "per-step policy search), not a single-model recipe; load it with "
+                          "jaxquant.diffusion.adatsq.load_adatsq_recipe or run it with "
+                          "'jaxquant quantize --recipe ...'")
     if "sequential" in d:
         raise RecipeError(f"{source}: 'sequential' is gone: every recipe is calibrated "
                           "true-sequentially (each stage of a block sees the quantized earlier "

@@ -447,9 +447,16 @@ def test_shipped_recipes_all_load():
         for bits in (4, 3, 2):
             for g in (64, 128):
                 assert f"{algo}_w{bits}_g{g}" in names
+    from jaxquant.diffusion.adatsq import is_adatsq, load_adatsq_recipe
+
     for n in names:
+        if is_adatsq(n):  # a composite: option recipes + the search (validated by its loader)
+            assert load_adatsq_recipe(n).options
+            with pytest.raises(RecipeError, match="an AdaTSQ recipe"):
+                load_recipe(n)
+            continue
         r = load_recipe(n)
-        if n.startswith("dit_"):  # W·A recipes: per-output-channel symmetric for the int kernels
+        if n.startswith(("dit_", "clq_")):  # W·A recipes: per-output-channel symmetric
             assert all(x.spec.group_size == -1 and x.spec.symmetric and x.act is not None
                        for x in r.rules)
         else:
