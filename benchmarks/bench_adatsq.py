@@ -38,10 +38,10 @@ BUDGETS = {4.0: {"options": [("w8a8", "dit_gptq_w8a8", 8.0), ("w4a4", "dit_gptq_
                  "clq_options": [("w8a8", "dit_gptq_w8a8", 8.0), ("clq_w4a4", "clq_w4a4", 4.0),
                                  ("clq_w3a3", "clq_w3a3", 3.0)]},
            3.0: {"options": [("w4a4", "dit_gptq_w4a4", 4.0), ("w3a3", "dit_gptq_w3a3", 3.0),
-                             ("w2a4", "dit_gptq_w2a4", 3.0)], "uniform": "w3a3",
+                             ("w2a3", "dit_gptq_w2a3", 2.5)], "uniform": "w3a3",
                  "clq": "clq_w3a3",
                  "clq_options": [("clq_w4a4", "clq_w4a4", 4.0), ("clq_w3a3", "clq_w3a3", 3.0),
-                                 ("w2a4", "dit_gptq_w2a4", 3.0)]}}
+                                 ("w2a3", "dit_gptq_w2a3", 2.5)]}}
 
 
 def main() -> None:
