@@ -63,6 +63,10 @@ def main() -> None:
     ap.add_argument("--budgets", default="4,3")
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--rollout", default="budget", help="budget | fp")
+    ap.add_argument("--fisher-check", default="",
+                    help="comma list of DiT recipes: each calibrated with plain and with "
+                         "Fisher-weighted Hessians, uniform at every step (where weights, not "
+                         "activations, dominate the error)")
     ap.add_argument("--with-clq-options", action="store_true",
                     help="also search over CLQ option models (the two methods composed)")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -123,6 +127,21 @@ def main() -> None:
         return np.clip(np.concatenate(outs), -1.0, 1.0), time.perf_counter() - t
 
     fronts, uni_mse = {}, {}
+    for rname in [r for r in args.fisher_check.split(",") if r]:
+        for fisher in (False, True):
+            params, cal_s = option(rname, fisher)
+            s, secs = draw_policy([params], [0] * steps)
+            row = {"method": f"fisher check {'fisher' if fisher else 'plain'}",
+                   "width": rname.replace("dit_gptq_", ""), "recipe": rname,
+                   **h.score(s, h.fp_samples), "search_mse": policy_error(
+                       cfg, [params], [0] * steps, m.params, sched, labels_s, x_s,
+                       steps=steps, guidance=g),
+                   "calib_seconds": round(cal_s, 1), "sample_seconds": round(secs, 1),
+                   "param_bytes": param_bytes(params)}
+            rows.append(row)
+            print(f"fisher check {rname} fisher={fisher}: psnr {row['psnr']:.2f} fd "
+                  f"{row['fd']:.2f} mse {row['search_mse']:.3g}", flush=True)
+            _dump(out, date, args, sp, h, alpha, I, rows)
     for budget in [float(b) for b in args.budgets.split(",")]:
         spec = BUDGETS[budget]
         names = [o[0] for o in spec["options"]]
