@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.models import llama, qwen
+from jaxquant.models import llada, llama, qwen
 from jaxquant.models.common.config import DecoderConfig
 from jaxquant.models.common.gguf_io import GGUFSource
 from jaxquant.models.common.hf_config import UnsupportedConfigError
@@ -130,7 +130,8 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
     Returns:
       :class:`LoadedModel` with ``config`` (:class:`DecoderConfig`) and the stacked ``params``;
       for a diffusers model directory (``config.json`` with ``_class_name``) a
-      :class:`jaxquant.models.dit.DiffusionTransformer` instead.
+      :class:`jaxquant.models.dit.DiffusionTransformer` instead; for a LLaDA directory
+      (``model_type: llada``) a :class:`jaxquant.models.llada.LLaDAModel`.
     """
     from jaxquant.models.quantized import is_quantized_dir, load_quantized
 
@@ -146,6 +147,8 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
 
         return dit.load_diffusers(path, dtype=dtype)
     src, cfg_dict = open_source(path)
+    if os.path.isdir(path) and llada.is_llada_config(cfg_dict):  # a masked-diffusion LM
+        return llada.load_llada(path, dtype=dtype)
     where = os.path.join(os.fspath(path), "config.json") if os.path.isdir(path) else os.fspath(path)
     cfg = config_from_hf(cfg_dict, source=where)
     params = params_from_source(cfg, src, np.dtype(jnp.dtype(dtype)))
