@@ -142,7 +142,7 @@ def main() -> None:
             print(f"fisher check {rname} fisher={fisher}: psnr {row['psnr']:.2f} fd "
                   f"{row['fd']:.2f} mse {row['search_mse']:.3g}", flush=True)
             _dump(out, date, args, sp, h, alpha, I, rows)
-    for budget in [float(b) for b in args.budgets.split(",")]:
+    for budget in [float(b) for b in args.budgets.split(",") if b]:
         spec = BUDGETS[budget]
         names = [o[0] for o in spec["options"]]
         costs = [o[2] for o in spec["options"]]
