@@ -146,9 +146,9 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
         from jaxquant.models import dit
 
         return dit.load_diffusers(path, dtype=dtype)
-    src, cfg_dict = open_source(path)
-    if os.path.isdir(path) and llada.is_llada_config(cfg_dict):  # a masked-diffusion LM
+    if llada.is_llada_dir(path):  # a masked-diffusion LM (config.json with model_type llada)
         return llada.load_llada(path, dtype=dtype)
+    src, cfg_dict = open_source(path)
     where = os.path.join(os.fspath(path), "config.json") if os.path.isdir(path) else os.fspath(path)
     cfg = config_from_hf(cfg_dict, source=where)
     params = params_from_source(cfg, src, np.dtype(jnp.dtype(dtype)))

@@ -76,6 +76,19 @@ def is_llada_config(cfg: dict) -> bool:
     return all(k in cfg for k in ("d_model", "block_type", "mask_token_id"))
 
 
+def is_llada_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory whose ``config.json`` is a LLaDA config (False for
+    anything unreadable: the generic loader reports that)."""
+    cfg_path = os.path.join(os.fspath(path), "config.json")
+    if not (os.path.isdir(path) and os.path.isfile(cfg_path)):
+        return False
+    try:
+        with open(cfg_path) as f:
+            return is_llada_config(json.load(f))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def _field(cfg: dict, key: str):
     return cfg.get(key, _DEFAULTS.get(key))
 

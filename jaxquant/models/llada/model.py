@@ -1,4 +1,4 @@
-"""LLaDA: a bidirectional (mask-predictor) transformer, as pure jittable functions over a params dict.
+"""LLaDA: a bidirectional mask-predictor transformer, as pure jittable functions over a params dict.
 
 The network is a Llama-style stack without a causal mask: every position attends to every
 unpadded position. Parameters (Flax layout, kernels ``[in, out]``; names follow the LLaDA
@@ -34,7 +34,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.models.common.layers import apply_rope, attention_mask, grouped_attention, rope_cos_sin
+from jaxquant.models.common.layers import (
+    apply_rope,
+    attention_mask,
+    grouped_attention,
+    rope_cos_sin,
+)
 from jaxquant.models.llada.config import LLaDAConfig
 from jaxquant.nn.linear import apply_linear, bcast_last
 
@@ -68,8 +73,8 @@ def attention(cfg: LLaDAConfig, bp: dict, h: jax.Array, positions: jax.Array,
 
 def mlp(bp: dict, n: jax.Array) -> jax.Array:
     """``ff_out(silu(ff_proj(n)) ⊙ up_proj(n))`` of ``n`` ``[B, T, D]``."""
-    return apply_linear(jax.nn.silu(apply_linear(n, bp["ff_proj"])) * apply_linear(n, bp["up_proj"]),
-                        bp["ff_out"])
+    gate = jax.nn.silu(apply_linear(n, bp["ff_proj"]))
+    return apply_linear(gate * apply_linear(n, bp["up_proj"]), bp["ff_out"])
 
 
 def key_mask(attention_mask_bt: jax.Array | None, b: int, t: int) -> jax.Array:
@@ -148,7 +153,8 @@ _forward_jit = jax.jit(forward, static_argnums=0, static_argnames="dtype")
 
 # -------------------------------------------------------------------- random init (tests, demos)
 def init_params(cfg: LLaDAConfig, key: jax.Array, *, dtype=jnp.float32) -> dict:
-    """Random stacked params of ``cfg``: kernels ``N(0, 1/fan_in)``, norm scales ``1 + N(0, 0.2²)``."""
+    """Random stacked params of ``cfg``: kernels ``N(0, 1/fan_in)``, norm scales
+    ``1 + N(0, 0.2²)``, embedding ``N(0, 1)``."""
     d, f, hd = cfg.d_model, cfg.mlp_hidden_size, cfg.head_dim
     n_layers = cfg.n_layers
     shapes = {"q_proj": (d, cfg.n_heads * hd), "k_proj": (d, cfg.n_kv_heads * hd),
