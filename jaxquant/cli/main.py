@@ -175,7 +175,7 @@ def _quantize_adatsq(args) -> dict:
         raise ValueError(f"{args.model}: AdaTSQ recipes search per-step policies of a "
                          f"class-conditional DiT; this is a {m.config.kind!r} transformer")
     sched_file, sched = _dit_scheduler(args.model)
-    res = run_adatsq(m, rec, sched, progress=True)
+    res = run_adatsq(m, rec, sched, progress=True, out_dir=args.out, resume=args.resume)
     save_adatsq(args.out, m, res, scheduler_file=sched_file)
     s = res.search
     print(_table([("recipe", rec.name), ("policy", " ".join(rec.names[k] for k in s.policy)),

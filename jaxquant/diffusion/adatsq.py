@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -35,6 +36,7 @@ import yaml
 
 from jaxquant.algorithms.adatsq import SearchResult, fisher_weights
 
+log = logging.getLogger(__name__)
 POLICY_FILE = "policy.json"
 _KEYS = {"name", "kind", "description", "budget", "options", "search", "fisher", "sampler",
          "calibration"}
@@ -153,8 +155,13 @@ class AdaTSQResult:
 
 
 def run_adatsq(m, rec: AdaTSQRecipe, schedule, *, calib: dict | None = None,
-               progress: bool = True, option_params: list | None = None) -> AdaTSQResult:
-    """Fisher weights, the option models (unless ``option_params`` are given), the search."""
+               progress: bool = True, option_params: list | None = None,
+               out_dir: str | os.PathLike | None = None, resume: bool = False) -> AdaTSQResult:
+    """Fisher weights, the option models (unless ``option_params`` are given), the search.
+
+    With ``out_dir`` every option is saved to ``out_dir/options/<name>/`` as soon as it is
+    calibrated; ``resume=True`` reloads the options already there instead of recalibrating them
+    (an existing directory without ``resume`` is refused)."""
     import jax
 
     from jaxquant.calibration.engine import calibrate
@@ -193,12 +200,27 @@ def run_adatsq(m, rec: AdaTSQRecipe, schedule, *, calib: dict | None = None,
                                      guidance=guidance, seed=int(rec.calibration["seed"]))
         option_params = []
         for name, rname, _ in rec.options:
+            done = None if out_dir is None else os.path.join(os.fspath(out_dir), "options", name)
+            if done is not None and os.path.isfile(os.path.join(done, "jaxquant.json")):
+                if not resume:
+                    raise FileExistsError(f"{done} holds a calibrated option of an earlier run; "
+                                          "pass resume=True (--resume) to reuse it, or choose "
+                                          "another output directory")
+                from jaxquant.models.quantized import load_quantized
+
+                option_params.append(load_quantized(done)[1])
+                log.info("AdaTSQ option %s: reloaded from %s", name, done)
+                continue
             r = load_recipe(rname)
             n = len(calib["latents"])
             if int(r.calib["n_samples"]) > n:  # the option recipe asks for more: use them all
                 r = r.with_calib(n_samples=n)
             res = calibrate(adapter_for(m), r, calib, progress=progress, group_weights=alpha)
             option_params.append(res.params)
+            if done is not None:  # saved at once: an interrupted run resumes from here
+                from jaxquant.models.quantized import save_quantized
+
+                save_quantized(done, cfg, res.params, recipe=r.to_dict(), source=m.path)
             if progress:
                 print(f"AdaTSQ option {name} ({rname}) calibrated", flush=True)
         secs["calibration"] = time.perf_counter() - t0
@@ -226,6 +248,8 @@ def save_adatsq(out: str | os.PathLike, m, res: AdaTSQResult, *, scheduler_file=
     for (name, rname, _), params in zip(rec.options, res.option_params, strict=True):
         from jaxquant.recipes import load_recipe
 
+        if os.path.isfile(os.path.join(out, "options", name, "jaxquant.json")):
+            continue  # saved by run_adatsq as it was calibrated
         save_quantized(os.path.join(out, "options", name), m.config, params,
                        recipe=load_recipe(rname).to_dict(), source=m.path)
     s = res.search

@@ -46,6 +46,16 @@ def test_quantize_saves_a_policy_and_sample_applies_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", "--model", str(out), "--steps", "5", "--out", str(grid)]) == 2
     assert "the policy has 4 steps; sample with --steps 4" in capsys.readouterr().err
+    # a rerun: refused without --resume; with it, the saved options are reused (same policy)
+    assert main(["quantize", "--model", str(d / "transformer"), "--recipe", str(rpath),
+                 "--out", str(out)]) == 2
+    assert "pass resume=True (--resume)" in capsys.readouterr().err
+    stamp = (out / "options" / "w8a8" / "jaxquant.json").stat().st_mtime_ns
+    assert main(["quantize", "--model", str(d / "transformer"), "--recipe", str(rpath),
+                 "--out", str(out), "--resume"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["policy"] == res["policy"]  # the reloaded options give the same search
+    assert (out / "options" / "w8a8" / "jaxquant.json").stat().st_mtime_ns == stamp
     shutil.rmtree(out / "options" / "w3a3")
     with pytest.raises(FileNotFoundError, match=r"option 'w3a3', but options/w3a3/"):
         load_adatsq(out)
