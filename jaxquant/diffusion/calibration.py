@@ -43,17 +43,30 @@ def check_policy(policy, steps: int, n_options: int, *, names=None) -> np.ndarra
     return p.astype(np.int32)
 
 
-def policy_model_fn(cfg, option_params, schedule: NoiseSchedule, steps: int, policy):
+def _step_table(schedule: NoiseSchedule, steps: int) -> jax.Array:
+    """``table[t]`` = the index of the DDIM step whose timestep is ``t``."""
+    ts = np.asarray(schedule.ddim_tables(steps)["timesteps"]).astype(np.int64)
+    table = np.zeros(int(ts.max()) + 1, np.int32)
+    table[ts] = np.arange(steps, dtype=np.int32)
+    return jnp.asarray(table)
+
+
+def policy_model_fn(cfg, option_params, schedule: NoiseSchedule, steps: int, policy,
+                    groups=None):
     """``model_fn(x, t, y)`` that runs, at the sampler step whose timestep is ``t``, the option
     ``policy[step]`` of ``option_params`` (a list of param trees: all present, the choice made by
     ``lax.switch`` inside the jitted loop, so a policy change recompiles nothing). ``policy`` may
-    be a traced int32 ``[steps]``."""
+    be a traced int32 ``[steps]``.
+
+    Per group of layers: ``groups`` (a list of lists of block indices covering every block once)
+    and ``policy`` ``[steps, len(groups)]``: at each step each group's blocks run their own
+    option (the embedding and the output layer, fp in every option, come from option 0)."""
     from jaxquant.models.dit.model import dit_forward
 
-    ts = np.asarray(schedule.ddim_tables(steps)["timesteps"]).astype(np.int64)
-    table = np.zeros(int(ts.max()) + 1, np.int32)
-    table[ts] = np.arange(steps, dtype=np.int32)  # timestep -> step index
-    table = jnp.asarray(table)
+    if groups is not None:
+        return _grouped_policy_fn(cfg, option_params, schedule, steps, policy, groups)
+
+    table = _step_table(schedule, steps)
     branches = [functools.partial(lambda p, x, t, y: dit_forward(cfg, p, x, t, y), p)
                 for p in option_params]
 
@@ -64,19 +77,70 @@ def policy_model_fn(cfg, option_params, schedule: NoiseSchedule, steps: int, pol
     return f
 
 
+def _grouped_policy_fn(cfg, option_params, schedule, steps, policy, groups):
+    from jaxquant.models.dit.model import (
+        block_params,
+        broadcast_batch,
+        dit_block_apply_emb,
+        dit_block_cond,
+        dit_embed,
+        dit_head,
+        num_blocks,
+    )
+
+    nb = num_blocks(option_params[0])
+    flat = sorted(b for g in groups for b in g)
+    if flat != list(range(nb)):
+        raise ValueError(f"groups must cover the {nb} blocks once each, got {groups}")
+    group_of = {b: gi for gi, g in enumerate(groups) for b in g}
+    table = _step_table(schedule, steps)
+
+    def block_branch(bp):
+        def run(x, t, y):
+            emb = dit_block_cond(cfg, bp, t, y)
+            return dit_block_apply_emb(cfg, bp, x, emb), emb
+        return run
+
+    branches = [[block_branch(block_params(p, b)) for p in option_params] for b in range(nb)]
+    p0 = option_params[0]
+
+    def f(latents, t, y):
+        bsz, _, hh, ww = latents.shape
+        t, y = broadcast_batch(t, bsz), broadcast_batch(y, bsz)
+        i = table[jnp.clip(t[0].astype(jnp.int32), 0, table.shape[0] - 1)]
+        row = jnp.asarray(policy)[i]
+        x = dit_embed(cfg, p0, latents)
+        cond0 = None
+        for b in range(nb):
+            x, emb = jax.lax.switch(row[group_of[b]], branches[b], x, t, y)
+            cond0 = emb if cond0 is None else cond0
+        return dit_head(cfg, p0, x, cond0, hh // cfg.patch_size, ww // cfg.patch_size)
+
+    return f
+
+
 def sample_dit_policy(cfg, option_params, schedule: NoiseSchedule, labels, policy, *,
                       steps: int = 50, guidance: float = 1.5, seed: int = 0, x_T=None,
-                      step_range=None):
+                      step_range=None, groups=None):
     """:func:`sample_dit` with a per-step choice among ``option_params`` (e.g. the W8A8, W4A4 and
-    W3A3 models): step ``i`` runs ``option_params[policy[i]]``. ``step_range`` resumes a cached
+    W3A3 models): step ``i`` runs ``option_params[policy[i]]`` (with ``groups``: block group
+    ``g`` runs ``option_params[policy[i, g]]``). ``step_range`` resumes a cached
     prefix (see :func:`jaxquant.diffusion.samplers.ddim_sample`)."""
     if not option_params:
         raise ValueError("sample_dit_policy: no options (a list of calibrated param trees)")
-    if isinstance(policy, list | tuple | np.ndarray):
+    want = (steps,) if groups is None else (steps, len(groups))
+    if groups is not None:
+        p = np.asarray(policy)
+        if p.shape != want:
+            raise ValueError(f"policy: shape {p.shape} for {steps} steps x {len(groups)} layer "
+                             "groups")
+        policy = np.stack([check_policy(p[:, g], steps, len(option_params))
+                           for g in range(len(groups))], axis=1)
+    elif isinstance(policy, list | tuple | np.ndarray):
         policy = check_policy(policy, steps, len(option_params))
-    elif jnp.shape(policy) != (steps,):
+    elif jnp.shape(policy) != want:
         raise ValueError(f"policy: shape {jnp.shape(policy)} for a sampler of {steps} steps")
-    fn = policy_model_fn(cfg, option_params, schedule, steps, policy)
+    fn = policy_model_fn(cfg, option_params, schedule, steps, policy, groups)
     return sample_dit(cfg, None, schedule, labels, steps=steps, guidance=guidance, seed=seed,
                       x_T=x_T, model_fn=fn, step_range=step_range)
 

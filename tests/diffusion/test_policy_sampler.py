@@ -75,6 +75,31 @@ def test_mixed_policy_equals_steps_one_at_a_time(setup):
     assert min(np.abs(got - u).max() for u in uni) > 1e-3
 
 
+def test_policy_per_group_of_layers(setup):
+    """A per-(step, layer group) policy: with every group on one option it is that option's
+    uniform policy; with block 0 on option 0 and block 1 on option 1 at every step it equals the
+    explicitly assembled model (block 0's params from option 0, block 1's from option 1)."""
+    m, _, sched, opts, labels, x_T = setup
+    groups = [[0], [1]]
+
+    def run(policy2d):
+        return np.asarray(sample_dit_policy(m.config, opts, sched, labels, policy2d, steps=STEPS,
+                                            guidance=1.5, x_T=x_T, groups=groups))
+
+    for k in (0, 1):
+        np.testing.assert_allclose(run(np.full((STEPS, 2), k)),
+                                   _sample(m, sched, opts[k], labels, x_T), atol=1e-5)
+    mixed = {**opts[0], "transformer_blocks": [opts[0]["transformer_blocks"][0],
+                                               opts[1]["transformer_blocks"][1]]}
+    got = run(np.stack([np.zeros(STEPS, int), np.ones(STEPS, int)], axis=1))
+    np.testing.assert_allclose(got, _sample(m, sched, mixed, labels, x_T), atol=1e-5)
+    with pytest.raises(ValueError, match=r"shape .* layer groups"):
+        run(np.zeros(STEPS, int))
+    with pytest.raises(ValueError, match="cover the 2 blocks once each"):
+        sample_dit_policy(m.config, opts, sched, labels, np.zeros((STEPS, 1), int), steps=STEPS,
+                          x_T=x_T, groups=[[0]])
+
+
 def test_search_scores_a_full_policy_by_its_end_to_end_error(setup):
     from jaxquant.diffusion.policy_search import policy_error, search_policy
 
