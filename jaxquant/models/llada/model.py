@@ -221,6 +221,14 @@ class LLaDAModel:
         kw.setdefault("mask_id", self.config.mask_token_id)
         return generate(self.logits_fn, self.params, prompt_ids, **kw)
 
+    def generate_compressed(self, prompt_ids, **kw):
+        """Decoding with Elastic-dLLM [MASK] compression / a protected terminal [MASK]; see
+        :func:`jaxquant.diffusion.elastic.generate_compressed`."""
+        from jaxquant.diffusion.elastic import generate_compressed
+
+        kw.setdefault("mask_id", self.config.mask_token_id)
+        return generate_compressed(self.logits_fn, self.params, prompt_ids, **kw)
+
     @property
     def name(self) -> str:
         return os.path.basename(os.path.normpath(self.path))
