@@ -42,7 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.diffusion.masked import REMASKING, num_transfer_tokens, top_k_mask
+from jaxquant.diffusion.masked import (
+    check_decode_args,
+    num_transfer_tokens,
+    top_k_mask,
+)
 
 
 # -------------------------------------------------------------------- keep sets (static, numpy)
@@ -240,31 +244,11 @@ def generate_compressed(
       [steps, B, P + gen_length (+ 1)]`` (the full sequence before each step) and the stats dict,
       in that order, as a tuple.
     """
-    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
-        raise ValueError(f"block_length={block_length} must be positive and divide "
-                         f"gen_length={gen_length}")
-    num_blocks = gen_length // block_length
-    if steps <= 0 or steps % num_blocks:
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
-                         f"(gen_length / block_length = {gen_length} / {block_length} = "
-                         f"{num_blocks})")
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking={remasking!r}: expected one of {REMASKING}")
-    if temperature < 0 or cfg_scale < 0:
-        raise ValueError(f"temperature={temperature} and cfg_scale={cfg_scale} must be >= 0")
-    use_noise = temperature > 0
-    if (use_noise or remasking == "random") and key is None:
-        raise ValueError("temperature > 0 and remasking='random' need a PRNG key (key=...)")
     if not isinstance(terminal_mask, bool | np.bool_):
         raise ValueError(f"terminal_mask={terminal_mask!r} must be a bool")
-    prompt_ids = jnp.asarray(prompt_ids, dtype=jnp.int32)
-    if prompt_ids.ndim != 2:
-        raise ValueError(f"prompt_ids must be [B, P], got shape {prompt_ids.shape}")
-    if attention_mask is not None:
-        attention_mask = jnp.asarray(attention_mask, dtype=jnp.int32)
-        if attention_mask.shape != prompt_ids.shape:
-            raise ValueError(f"attention_mask shape {attention_mask.shape} != prompt_ids shape "
-                             f"{prompt_ids.shape}")
+    prompt_ids, attention_mask, num_blocks, use_noise = check_decode_args(
+        prompt_ids, attention_mask, gen_length=gen_length, block_length=block_length,
+        steps=steps, remasking=remasking, temperature=temperature, cfg_scale=cfg_scale, key=key)
     p = prompt_ids.shape[1]
     if keep_sets is not None:
         if keep_far is not None:

@@ -119,6 +119,36 @@ def _decode(logits_fn, params, prompt_ids, attention_mask, key, temperature, cfg
     return x, xs
 
 
+def check_decode_args(prompt_ids, attention_mask, *, gen_length, block_length, steps,
+                      remasking, temperature, cfg_scale, key):
+    """Validate the decoding arguments (errors name them); returns ``(prompt_ids,
+    attention_mask, num_blocks, use_noise)`` as the decoders use them."""
+    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
+        raise ValueError(f"block_length={block_length} must be positive and divide "
+                         f"gen_length={gen_length}")
+    num_blocks = gen_length // block_length
+    if steps <= 0 or steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
+                         f"(gen_length / block_length = {gen_length} / {block_length} = "
+                         f"{num_blocks})")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking={remasking!r}: expected one of {REMASKING}")
+    if temperature < 0 or cfg_scale < 0:
+        raise ValueError(f"temperature={temperature} and cfg_scale={cfg_scale} must be >= 0")
+    use_noise = temperature > 0
+    if (use_noise or remasking == "random") and key is None:
+        raise ValueError("temperature > 0 and remasking='random' need a PRNG key (key=...)")
+    prompt_ids = jnp.asarray(prompt_ids, dtype=jnp.int32)
+    if prompt_ids.ndim != 2:
+        raise ValueError(f"prompt_ids must be [B, P], got shape {prompt_ids.shape}")
+    if attention_mask is not None:
+        attention_mask = jnp.asarray(attention_mask, dtype=jnp.int32)
+        if attention_mask.shape != prompt_ids.shape:
+            raise ValueError(f"attention_mask shape {attention_mask.shape} != prompt_ids shape "
+                             f"{prompt_ids.shape}")
+    return prompt_ids, attention_mask, num_blocks, use_noise
+
+
 def generate(
     logits_fn: Callable,
     params,
@@ -161,29 +191,9 @@ def generate(
       ``[B, P + gen_length]`` int32 ids: the prompt followed by the generation; with
       ``return_steps``, ``(ids, step_inputs [steps, B, P + gen_length])``.
     """
-    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
-        raise ValueError(f"block_length={block_length} must be positive and divide "
-                         f"gen_length={gen_length}")
-    num_blocks = gen_length // block_length
-    if steps <= 0 or steps % num_blocks:
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
-                         f"(gen_length / block_length = {gen_length} / {block_length} = "
-                         f"{num_blocks})")
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking={remasking!r}: expected one of {REMASKING}")
-    if temperature < 0 or cfg_scale < 0:
-        raise ValueError(f"temperature={temperature} and cfg_scale={cfg_scale} must be >= 0")
-    use_noise = temperature > 0
-    if (use_noise or remasking == "random") and key is None:
-        raise ValueError("temperature > 0 and remasking='random' need a PRNG key (key=...)")
-    prompt_ids = jnp.asarray(prompt_ids, dtype=jnp.int32)
-    if prompt_ids.ndim != 2:
-        raise ValueError(f"prompt_ids must be [B, P], got shape {prompt_ids.shape}")
-    if attention_mask is not None:
-        attention_mask = jnp.asarray(attention_mask, dtype=jnp.int32)
-        if attention_mask.shape != prompt_ids.shape:
-            raise ValueError(f"attention_mask shape {attention_mask.shape} != prompt_ids shape "
-                             f"{prompt_ids.shape}")
+    prompt_ids, attention_mask, num_blocks, use_noise = check_decode_args(
+        prompt_ids, attention_mask, gen_length=gen_length, block_length=block_length,
+        steps=steps, remasking=remasking, temperature=temperature, cfg_scale=cfg_scale, key=key)
     if key is None:
         key = jax.random.key(0)  # unused: the decode is deterministic
     x, xs = _decode(logits_fn, params, prompt_ids, attention_mask, key,
@@ -195,4 +205,4 @@ def generate(
     return (x, xs) if return_steps else x
 
 
-__all__ = ["REMASKING", "generate", "num_transfer_tokens", "top_k_mask"]
+__all__ = ["REMASKING", "check_decode_args", "generate", "num_transfer_tokens", "top_k_mask"]
