@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --reruns 1 --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/jaxquant demo
