@@ -30,8 +30,6 @@ import jax
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPLITS = {"val": {"seed": 1000, "calib_seed": 1001, "per_class": 10},
-          "test": {"seed": 0, "calib_seed": 1, "per_class": 30}}
 BUDGETS = {4.0: {"options": [("w8a8", "dit_gptq_w8a8", 8.0), ("w4a4", "dit_gptq_w4a4", 4.0),
                              ("w3a3", "dit_gptq_w3a3", 3.0)], "uniform": "w4a4",
                  "clq": "clq_w4a4",
@@ -46,6 +44,7 @@ BUDGETS = {4.0: {"options": [("w8a8", "dit_gptq_w8a8", 8.0), ("w4a4", "dit_gptq_
 
 def main() -> None:
     sys.path.insert(0, HERE)
+    from bench_clq import SPLITS  # the same validation / test noise as the CLQ benchmark
     from bench_dit import Harness, param_bytes, plot_grid, print_table
 
     from jaxquant.algorithms.adatsq import fisher_weights
