@@ -82,6 +82,9 @@ def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = 
     from jaxquant.recipes import Recipe, load_recipe
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if _is_llada(model):
+        return _quantize_llada(model, rec, calib, out, resume=resume, mesh=mesh,
+                               progress=progress)
     dit_model = _as_dit(model)
     if dit_model is not None:
         return _quantize_dit(dit_model, rec, calib, out, resume=resume, mesh=mesh,
@@ -152,6 +155,51 @@ def evaluate(model: LoadedModel | str | os.PathLike, data: Any = "wikitext2", wi
                          vocab_size=m.config.vocab_size, mesh=mesh, progress=progress)
     return {**r, "windows": int(w.shape[0]), "seqlen": int(w.shape[1]),
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# ------------------------------------------------------------------ diffusion LLMs (LLaDA)
+def _is_llada(model) -> bool:
+    from jaxquant.models import llada
+
+    if isinstance(model, llada.LLaDAModel):
+        return True
+    return isinstance(model, str | os.PathLike) and llada.is_llada_dir(model)
+
+
+def _quantize_llada(m, rec, calib, out, *, resume, mesh, progress):
+    """:func:`quantize_model` for a LLaDA masked-diffusion LM: ``calib`` is a dict of batch
+    fields (e.g. :func:`jaxquant.models.llada.spec.masked_calibration_batch`: windows masked at
+    several mask ratios) or token ids ``[n, T]``; ``out`` gets the quantized params and
+    ``jaxquant.json`` (and the tokenizer files of the source)."""
+    import shutil
+
+    from jaxquant.calibration import report
+    from jaxquant.calibration.engine import calibrate, clear_progress
+    from jaxquant.models import llada
+    from jaxquant.models.loading import adapter_for
+    from jaxquant.models.quantized import save_quantized
+
+    if not isinstance(m, llada.LLaDAModel):
+        m = llada.load_llada(m)
+    if isinstance(calib, str):
+        raise ValueError(f"calib={calib!r}: a LLaDA model calibrates on masked token windows; "
+                         "pass masked_calibration_batch(windows, mask_ratios, mask_id=...) or "
+                         "token ids [n, T]")
+    data = calib if rec.needs_data else None
+    res = calibrate(adapter_for(m), rec, data, out_dir=out, resume=resume, mesh=mesh,
+                    progress=progress)
+    qm = llada.LLaDAModel(m.config, res.params, os.fspath(out) if out else m.path)
+    qm.calibration = res
+    if out is not None:
+        save_quantized(out, m.config, res.params, recipe=rec.to_dict(), source=m.path)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if m.path and os.path.isfile(os.path.join(m.path, name)):
+                shutil.copy(os.path.join(m.path, name), os.path.join(out, name))
+        report.write_csv(res.report, os.path.join(out, "layers.csv"))
+        if res.report:
+            report.plot(res.report, os.path.join(out, "layers.png"), title=rec.name)
+        clear_progress(out)
+    return qm
 
 
 # ------------------------------------------------------------------ diffusion transformers

@@ -62,18 +62,36 @@ def far_keep_offsets(n_far: int, keep_far: int | None) -> np.ndarray:
 
 
 def keep_indices(prompt_len: int, gen_length: int, block_length: int, keep_far: int | None,
-                 *, terminal_mask: bool = False) -> list[np.ndarray]:
+                 *, terminal_mask: bool = False, fold_window: int | None = None
+                 ) -> list[np.ndarray]:
     """The positions the forward sees while each block is decoded: per block ``b`` a sorted int
     array of original position ids: ``0 .. P + (b+1)·block_length - 1`` (prompt, decoded blocks,
     the current block), the kept far masks (:func:`far_keep_offsets`), and the terminal
-    ``P + gen_length`` with ``terminal_mask``."""
+    ``P + gen_length`` with ``terminal_mask``.
+
+    ``fold_window=W`` (context folding) caps every set at ``W`` tokens: the prompt, the current
+    block, the kept far masks and the terminal always stay; of the decoded tokens only the most
+    recent ``W - (those)`` are kept, the older ones are folded away (their positions are simply
+    skipped, the kept tokens keep their ids). A window at least the set's size folds nothing.
+    """
     length = prompt_len + gen_length
     out = []
     for b in range(gen_length // block_length):
-        end = prompt_len + (b + 1) * block_length
-        parts = [np.arange(end), end + far_keep_offsets(length - end, keep_far)]
-        if terminal_mask:
-            parts.append(np.array([length]))
+        start = prompt_len + b * block_length
+        end = start + block_length
+        far = end + far_keep_offsets(length - end, keep_far)
+        tail = [far, np.array([length])] if terminal_mask else [far]
+        decoded = np.arange(prompt_len, start)
+        if fold_window is not None:
+            fixed = prompt_len + block_length + sum(t.size for t in tail)
+            budget = int(fold_window) - fixed
+            if budget < 0:
+                raise ValueError(
+                    f"fold_window={fold_window} is smaller than what every forward must see at "
+                    f"block {b}: prompt {prompt_len} + block_length {block_length} + kept far "
+                    f"masks {far.size}{' + terminal 1' if terminal_mask else ''} = {fixed}")
+            decoded = decoded[max(0, decoded.size - budget):]
+        parts = [np.arange(prompt_len), decoded, np.arange(start, end), *tail]
         out.append(np.concatenate(parts).astype(np.int64))
     return out
 
@@ -217,6 +235,8 @@ def generate_compressed(
     keep_far: int | None = None,
     keep_sets: Sequence[Sequence[int]] | None = None,
     terminal_mask: bool = False,
+    fold_window: int | None = None,
+    max_length: int | None = None,
     return_stats: bool = False,
 ):
     """LLaDA masked-diffusion decoding with Elastic-dLLM [MASK] compression.
@@ -234,6 +254,11 @@ def generate_compressed(
         and, without ``terminal_mask``, the last position.
       terminal_mask: append one protected terminal [MASK] at position ``P + gen_length``: always
         kept, never decoded. It is **returned, still masked**, as the last column.
+      fold_window: context folding (:func:`keep_indices`): no forward sees more than this many
+        tokens; the oldest decoded tokens beyond it are dropped, positions preserved. Lets a
+        target longer than the model's maximum input length decode.
+      max_length: the model's maximum input length (``config.max_sequence_length``): a forward
+        that would see more tokens is refused (pass ``fold_window``).
       return_stats: also return a dict: ``tokens_per_step`` (``[steps]`` int, the sequence
         length of each step's forward = the kept set size; with CFG each forward runs it for
         ``2 B`` rows), ``kept`` (per block, the kept position ids), ``full_length`` (the
@@ -250,9 +275,16 @@ def generate_compressed(
         prompt_ids, attention_mask, gen_length=gen_length, block_length=block_length,
         steps=steps, remasking=remasking, temperature=temperature, cfg_scale=cfg_scale, key=key)
     p = prompt_ids.shape[1]
+    if fold_window is not None:
+        if isinstance(fold_window, bool) or not isinstance(fold_window, int | np.integer) \
+                or fold_window <= 0:
+            raise ValueError(f"fold_window={fold_window!r} must be a positive int or None")
+        if max_length is not None and fold_window > max_length:
+            raise ValueError(f"fold_window={fold_window} exceeds the model's "
+                             f"max_sequence_length {max_length}")
     if keep_sets is not None:
-        if keep_far is not None:
-            raise ValueError("give keep_far or keep_sets, not both")
+        if keep_far is not None or fold_window is not None:
+            raise ValueError("give keep_sets, or keep_far / fold_window, not both")
         keep = _check_keep_sets(keep_sets, p, gen_length, block_length, bool(terminal_mask))
     else:
         if keep_far is not None:
@@ -265,7 +297,13 @@ def generate_compressed(
                 raise ValueError("keep_far=0 drops the terminal (last) position of the "
                                  "sequence; use keep_far >= 1 or terminal_mask=True")
         keep = keep_indices(p, gen_length, block_length, keep_far,
-                            terminal_mask=bool(terminal_mask))
+                            terminal_mask=bool(terminal_mask), fold_window=fold_window)
+    biggest = max(k.size for k in keep)
+    if max_length is not None and biggest > max_length:
+        raise ValueError(
+            f"gen_length={gen_length}: a forward would see {biggest} tokens (prompt {p}, decoded "
+            f"and kept masks), above the model's max_sequence_length {max_length}; pass "
+            f"fold_window<={max_length} (context folding) or a smaller keep_far / gen_length")
     if key is None:
         key = jax.random.key(0)  # unused: the decode is deterministic
     steps_per_block = int(steps) // num_blocks

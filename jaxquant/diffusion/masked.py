@@ -164,6 +164,7 @@ def generate(
     attention_mask=None,
     key: jax.Array | None = None,
     return_steps: bool = False,
+    max_length: int | None = None,
 ):
     """LLaDA masked-diffusion decoding.
 
@@ -186,6 +187,9 @@ def generate(
       attention_mask: ``[B, P]`` prompt mask (1 attend, 0 pad) or None; extended with ones.
       key: PRNG key for the noise / random remasking.
       return_steps: also return the sequence fed to the model at every step.
+      max_length: the model's maximum input length (``config.max_sequence_length``);
+        ``P + gen_length`` above it is refused (Elastic-dLLM context folding,
+        ``generate_compressed(fold_window=...)``, decodes such targets).
 
     Returns:
       ``[B, P + gen_length]`` int32 ids: the prompt followed by the generation; with
@@ -194,6 +198,12 @@ def generate(
     prompt_ids, attention_mask, num_blocks, use_noise = check_decode_args(
         prompt_ids, attention_mask, gen_length=gen_length, block_length=block_length,
         steps=steps, remasking=remasking, temperature=temperature, cfg_scale=cfg_scale, key=key)
+    total = prompt_ids.shape[1] + gen_length
+    if max_length is not None and total > max_length:
+        raise ValueError(f"gen_length={gen_length}: prompt {prompt_ids.shape[1]} + gen_length = "
+                         f"{total} tokens exceed the model's max_sequence_length {max_length}; "
+                         "decode it with jaxquant.diffusion.elastic.generate_compressed("
+                         "fold_window=...) (context folding)")
     if key is None:
         key = jax.random.key(0)  # unused: the decode is deterministic
     x, xs = _decode(logits_fn, params, prompt_ids, attention_mask, key,

@@ -137,6 +137,8 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
 
     if os.path.isdir(path) and is_quantized_dir(path):
         cfg, params, _ = load_quantized(path)
+        if isinstance(cfg, llada.LLaDAConfig):  # a quantized masked-diffusion LM
+            return llada.LLaDAModel(cfg, params, os.fspath(path))
         if not isinstance(cfg, DecoderConfig):  # a quantized diffusion transformer
             from jaxquant.models.dit.transformer import DiffusionTransformer
 
@@ -198,6 +200,10 @@ def adapter_for(model, *, part: str | None = None):
         return DiTAdapter(model)
     if part is not None:
         raise ValueError(f"adapter_for: part={part!r} is for a Flux transformer only")
+    if isinstance(model, llada.LLaDAModel):
+        from jaxquant.models.llada.spec import LLaDAAdapter
+
+        return LLaDAAdapter(model)
     if isinstance(model, LoadedModel):
         if model.quantized:
             raise ValueError(f"{model.path}: this model is already quantized; calibrate its fp "

@@ -117,6 +117,10 @@ def config_from_dict(d: dict):
         from jaxquant.models.dit.config import DiTConfig
 
         return DiTConfig(**d)
+    if "mask_token_id" in d and "d_model" in d:  # a LLaDA masked-diffusion LM
+        from jaxquant.models.llada.config import LLaDAConfig
+
+        return LLaDAConfig(**d)
     d["rope"] = RopeConfig(**d["rope"])
     if isinstance(d.get("eos_token_id"), list):
         d["eos_token_id"] = tuple(d["eos_token_id"])

@@ -12,12 +12,15 @@ from jaxquant.models.llada.config import LLaDAConfig
 from jaxquant.models.llada.convert import (
     MODEL_TYPES,
     config_from_hf,
+    config_to_hf,
     expected_shapes,
     is_llada_config,
     is_llada_dir,
     load_llada,
     params_from_safetensors,
+    params_to_safetensors,
     read_config,
+    save_llada,
 )
 from jaxquant.models.llada.model import (
     BLOCK_LINEARS,
@@ -43,6 +46,7 @@ __all__ = [
     "block_apply",
     "block_params",
     "config_from_hf",
+    "config_to_hf",
     "embed",
     "expected_shapes",
     "forward",
@@ -53,5 +57,7 @@ __all__ = [
     "key_mask",
     "load_llada",
     "params_from_safetensors",
+    "params_to_safetensors",
     "read_config",
+    "save_llada",
 ]

@@ -233,3 +233,76 @@ def load_llada(path: str | os.PathLike, *, dtype=jnp.float32) -> LLaDAModel:
     src = SafetensorsDir(path)
     params = params_from_safetensors(cfg, src, np.dtype(jnp.dtype(dtype)), where=path)
     return LLaDAModel(cfg, params, path)
+
+
+# -------------------------------------------------------------------- writing the HF layout
+def config_to_hf(cfg: LLaDAConfig, **extra) -> dict:
+    """The LLaDA ``config.json`` dict of ``cfg`` (LLaDA's own field names, every implemented
+    setting written out, so :func:`config_from_hf` reads back the same config); ``extra`` fields
+    (e.g. ``bos_token_id``) are added."""
+    out = {
+        "architectures": ["LLaDAModelLM"], "model_type": "llada",
+        "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms",
+        "layer_norm_with_affine": True, "bias_for_layer_norm": False, "include_bias": False,
+        "include_qkv_bias": False, "alibi": False, "rope": True, "rope_full_precision": True,
+        "attention_layer_norm": False, "input_emb_norm": False, "scale_logits": False,
+        "block_group_size": 1, "flash_attention": False, "use_cache": False,
+        "d_model": cfg.d_model, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+        "n_layers": cfg.n_layers, "mlp_hidden_size": cfg.mlp_hidden_size,
+        "mlp_ratio": max(1, cfg.mlp_hidden_size // cfg.d_model),
+        "vocab_size": cfg.vocab_size, "embedding_size": cfg.embedding_size,
+        "mask_token_id": cfg.mask_token_id, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "weight_tying": cfg.weight_tying,
+        "max_sequence_length": cfg.max_sequence_length,
+        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "dtype": "float32",
+    }
+    return out | extra
+
+
+def params_to_safetensors(cfg: LLaDAConfig, params: dict) -> dict[str, np.ndarray]:
+    """Checkpoint tensors (torch ``[out, in]`` layout, float32) of stacked or listed Flax-layout
+    params; the inverse of :func:`params_from_safetensors`. QArray kernels are refused."""
+    from jaxquant.models.llada.model import block_params
+
+    def arr(x, name):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype") or type(x).__name__ == "QArray":
+            raise ValueError(f"params {name!r} is not a plain array (quantized params are "
+                             f"exported by jaxquant.export, not saved here)")
+        return np.ascontiguousarray(np.asarray(x, np.float32))
+
+    out = {f"{PREFIX}wte.weight": arr(params["wte"]["embedding"], "wte"),
+           f"{PREFIX}ln_f.weight": arr(params["ln_f"]["scale"], "ln_f")}
+    for i in range(cfg.n_layers):
+        bp = block_params(params, i)
+        for n in BLOCK_LINEARS:
+            out[f"{PREFIX}blocks.{i}.{n}.weight"] = arr(bp[n]["kernel"], f"blocks.{i}.{n}").T.copy()
+        for n in BLOCK_NORMS:
+            out[f"{PREFIX}blocks.{i}.{n}.weight"] = arr(bp[n]["scale"], f"blocks.{i}.{n}")
+    if not cfg.weight_tying:
+        out[f"{PREFIX}ff_out.weight"] = arr(params["ff_out"]["kernel"], "ff_out").T.copy()
+    shapes = expected_shapes(cfg)
+    for name, shape in shapes.items():
+        if out[name].shape != shape:
+            raise ValueError(f"params: {name!r} has shape {out[name].shape}, the config implies "
+                             f"{shape}")
+        if not np.isfinite(out[name]).all():
+            raise ValueError(f"params: {name!r} holds NaN/inf; refusing to write it")
+    return out
+
+
+def save_llada(path: str | os.PathLike, cfg: LLaDAConfig, params: dict, **extra_config) -> str:
+    """Write ``config.json`` + ``model.safetensors`` in the LLaDA HF layout (what
+    ``LLaDAModelLM.save_pretrained`` writes, so :func:`load_llada` and LLaDA's modeling code
+    read it). Returns the directory."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = params_to_safetensors(cfg, params)
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg, **extra_config), f, indent=2)
+    return path

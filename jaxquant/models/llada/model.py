@@ -52,7 +52,22 @@ def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     """``x / sqrt(mean(x²) + eps) ⊙ scale`` over the last axis, in float32. ``x`` ``[..., D]``."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * bcast_last(p["scale"].astype(jnp.float32), y.ndim)).astype(x.dtype)
+    y = y * bcast_last(p["scale"].astype(jnp.float32), y.ndim)
+    if "bias" in p:  # only a calibration correction adds one (D²Quant's DAC); LLaDA has none
+        y = y + bcast_last(p["bias"].astype(jnp.float32), y.ndim)
+    return y.astype(x.dtype)
+
+
+def qkv(cfg: LLaDAConfig, bp: dict, h: jax.Array, positions: jax.Array):
+    """Projected and rotated ``q`` ``[B, T, H, hd]``, ``k`` / ``v`` ``[B, T, KV, hd]`` of the
+    normed input ``h`` ``[B, T, D]`` at RoPE ``positions`` ``[B, T]``."""
+    b, t, _ = h.shape
+    hd = cfg.head_dim
+    q = apply_linear(h, bp["q_proj"]).reshape(b, t, cfg.n_heads, hd)
+    k = apply_linear(h, bp["k_proj"]).reshape(b, t, cfg.n_kv_heads, hd)
+    v = apply_linear(h, bp["v_proj"]).reshape(b, t, cfg.n_kv_heads, hd)
+    cos, sin = rope_cos_sin(positions, hd, cfg.rope)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def attention(cfg: LLaDAConfig, bp: dict, h: jax.Array, positions: jax.Array,
@@ -60,13 +75,7 @@ def attention(cfg: LLaDAConfig, bp: dict, h: jax.Array, positions: jax.Array,
     """Bidirectional GQA self-attention of the normed input ``h`` ``[B, T, D]`` with RoPE at
     ``positions`` ``[B, T]`` and the boolean key mask ``mask`` ``[B, 1, 1, T, T]``.
     Query head ``i`` reads KV head ``i // (H / KV)`` (LLaDA's ``repeat_interleave``)."""
-    b, t, _ = h.shape
-    hd = cfg.head_dim
-    q = apply_linear(h, bp["q_proj"]).reshape(b, t, cfg.n_heads, hd)
-    k = apply_linear(h, bp["k_proj"]).reshape(b, t, cfg.n_kv_heads, hd)
-    v = apply_linear(h, bp["v_proj"]).reshape(b, t, cfg.n_kv_heads, hd)
-    cos, sin = rope_cos_sin(positions, hd, cfg.rope)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = qkv(cfg, bp, h, positions)
     o = grouped_attention(q, k, v, mask, cfg.n_kv_heads).astype(h.dtype)
     return apply_linear(o, bp["attn_out"])
 
@@ -118,7 +127,7 @@ def head(cfg: LLaDAConfig, params: dict, x: jax.Array) -> jax.Array:
 
 def forward(cfg: LLaDAConfig, params: dict, input_ids: jax.Array,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-            *, dtype=jnp.float32) -> jax.Array:
+            *, attn_mask: jax.Array | None = None, dtype=jnp.float32) -> jax.Array:
     """Logits of the mask predictor.
 
     Args:
@@ -126,6 +135,8 @@ def forward(cfg: LLaDAConfig, params: dict, input_ids: jax.Array,
       attention_mask: ``[B, T]`` (1 = attend, 0 = padded key) or None (all keys). Padded
         queries still get logits (they attend to the unpadded keys).
       positions: ``[B, T]`` RoPE positions; default ``0..T-1`` in every row.
+      attn_mask: optional boolean ``[B, T, T]`` (query, key) visibility, and-ed with
+        ``attention_mask`` (e.g. the block-causal mask of block diffusion).
 
     Returns:
       logits ``[B, T, embedding_size]`` float32.
@@ -135,6 +146,8 @@ def forward(cfg: LLaDAConfig, params: dict, input_ids: jax.Array,
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = key_mask(attention_mask, b, t)
+    if attn_mask is not None:
+        mask = mask & jnp.asarray(attn_mask, jnp.bool_)[:, None, None]
     x = embed(params, input_ids, dtype)
     blocks = params["blocks"]
     if isinstance(blocks, list | tuple):
@@ -146,6 +159,50 @@ def forward(cfg: LLaDAConfig, params: dict, input_ids: jax.Array,
 
         x, _ = jax.lax.scan(body, x, blocks)
     return head(cfg, params, x)
+
+
+def forward_cached(cfg: LLaDAConfig, params: dict, input_ids: jax.Array, positions: jax.Array,
+                   cache_k: jax.Array, cache_v: jax.Array, cache_valid: jax.Array,
+                   self_mask: jax.Array | None = None, *, dtype=jnp.float32):
+    """Logits of ``input_ids`` ``[B, T]`` attending to a KV cache and to each other.
+
+    The ``T`` new tokens attend bidirectionally among themselves (where ``self_mask`` ``[B, T,
+    T]`` allows; default all) and to the cache slots with ``cache_valid`` ``[B, S]`` set.
+    ``cache_k`` / ``cache_v`` ``[L, B, S, KV, hd]`` hold rotated keys and values, as this
+    function returns them for the new tokens, so a caller writes them in to extend the cache.
+
+    Returns ``(logits [B, T, E] float32, k_new [L, B, T, KV, hd], v_new [L, B, T, KV, hd])``.
+    """
+    input_ids = jnp.asarray(input_ids)
+    b, t = input_ids.shape
+    if self_mask is None:
+        self_mask = jnp.ones((b, t, t), jnp.bool_)
+    vis = jnp.concatenate([jnp.broadcast_to(cache_valid[:, None, :], (b, t, cache_k.shape[2])),
+                           self_mask], axis=-1)[:, None, None]  # [B, 1, 1, T, S + T]
+    x = embed(params, input_ids, dtype)
+    blocks = params["blocks"]
+    if isinstance(blocks, list | tuple):
+        blocks = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
+
+    def body(x, layer):
+        bp, ck, cv = layer
+        h_in = rms_norm(x, bp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = qkv(cfg, bp, h_in, positions)
+        kk = jnp.concatenate([ck.astype(k.dtype), k], axis=1)
+        vv = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
+        o = grouped_attention(q, kk, vv, vis, cfg.n_kv_heads).astype(x.dtype)
+        h = x + apply_linear(o, bp["attn_out"])
+        y = h + mlp(bp, rms_norm(h, bp["ff_norm"], cfg.rms_norm_eps))
+        return y, (k, v)
+
+    x, (k_new, v_new) = jax.lax.scan(body, x, (blocks, cache_k, cache_v))
+    return head(cfg, params, x), k_new, v_new
+
+
+def empty_cache(cfg: LLaDAConfig, batch: int, length: int, dtype=jnp.float32):
+    """Zeroed ``(cache_k, cache_v)`` ``[L, B, length, KV, hd]`` for :func:`forward_cached`."""
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 _forward_jit = jax.jit(forward, static_argnums=0, static_argnames="dtype")
@@ -187,8 +244,22 @@ class LogitsFn:
 
     config: LLaDAConfig
 
-    def __call__(self, params, input_ids, attention_mask=None, positions=None):
-        return forward(self.config, params, input_ids, attention_mask, positions)
+    def __call__(self, params, input_ids, attention_mask=None, positions=None, attn_mask=None):
+        return forward(self.config, params, input_ids, attention_mask, positions,
+                       attn_mask=attn_mask)
+
+    def cached(self, params, input_ids, positions, cache_k, cache_v, cache_valid,
+               self_mask=None):
+        """:func:`forward_cached` of this config (block diffusion with a KV cache)."""
+        return forward_cached(self.config, params, input_ids, positions, cache_k, cache_v,
+                              cache_valid, self_mask)
+
+    def empty_cache(self, batch: int, length: int, dtype=jnp.float32):
+        return empty_cache(self.config, batch, length, dtype)
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_sequence_length
 
 
 @dataclasses.dataclass
@@ -219,6 +290,7 @@ class LLaDAModel:
         from jaxquant.diffusion.masked import generate
 
         kw.setdefault("mask_id", self.config.mask_token_id)
+        kw.setdefault("max_length", self.config.max_sequence_length)
         return generate(self.logits_fn, self.params, prompt_ids, **kw)
 
     def generate_compressed(self, prompt_ids, **kw):
@@ -227,7 +299,17 @@ class LLaDAModel:
         from jaxquant.diffusion.elastic import generate_compressed
 
         kw.setdefault("mask_id", self.config.mask_token_id)
+        kw.setdefault("max_length", self.config.max_sequence_length)
         return generate_compressed(self.logits_fn, self.params, prompt_ids, **kw)
+
+    def generate_block(self, prompt_ids, **kw):
+        """Block-diffusion decoding with a KV cache / protected terminal [MASK]; see
+        :func:`jaxquant.diffusion.block.generate_block`."""
+        from jaxquant.diffusion.block import generate_block
+
+        kw.setdefault("mask_id", self.config.mask_token_id)
+        kw.setdefault("max_length", self.config.max_sequence_length)
+        return generate_block(self.logits_fn, self.params, prompt_ids, **kw)
 
     @property
     def name(self) -> str:
