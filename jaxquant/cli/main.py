@@ -92,12 +92,123 @@ def _eval_dit(args, m) -> dict:
     return {"model": args.model, "reference": ref_path, **r}
 
 
+def _dllm_prompt(m, args) -> tuple[np.ndarray, object]:
+    """The prompt ids ``[1, P]`` of a masked-diffusion LM from ``--prompt-ids`` or ``--prompt``
+    (with the tokenizer beside the model), and the tokenizer (or None)."""
+    tok = None
+    if m.path and os.path.isfile(os.path.join(m.path, "tokenizer.json")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(m.path)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated "
+                             "integer token ids") from None
+    else:
+        if tok is None:
+            raise ValueError(f"--prompt: {m.path} has no tokenizer.json; pass --prompt-ids")
+        ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    bad = [i for i in ids if not 0 <= i < m.config.embedding_size]
+    if bad:
+        raise ValueError(f"--prompt-ids: ids {bad[:4]} outside the embedding [0, "
+                         f"{m.config.embedding_size})")
+    return np.asarray([ids], np.int32), tok
+
+
+def cmd_generate_dllm(m, args) -> dict:
+    """Masked-diffusion decoding of a LLaDA model (semi-autoregressive blocks; Elastic-dLLM
+    compression with --keep-far / --terminal-mask / --fold-window; block diffusion with a KV
+    cache with --block-diffusion)."""
+    import jax
+
+    from jaxquant.diffusion.block import generate_block
+    from jaxquant.diffusion.elastic import generate_compressed
+    from jaxquant.diffusion.masked import generate
+
+    mask_id = m.config.mask_token_id if args.mask_id is None else args.mask_id
+    if not 0 <= mask_id < m.config.embedding_size:
+        raise ValueError(f"--mask-id {mask_id} is not a row of the embedding "
+                         f"(embedding_size {m.config.embedding_size})")
+    prompt, tok = _dllm_prompt(m, args)
+    gen, bl = args.gen_length, args.block_length
+    steps = args.steps if args.steps is not None else gen
+    n_blocks = gen // bl if bl > 0 and gen % bl == 0 else 0
+    t_start = [time.perf_counter()]
+
+    def progress(b):
+        el = time.perf_counter() - t_start[0]
+        print(f"block {b + 1}/{n_blocks} ({el:.1f} s, ETA {el / (b + 1) * (n_blocks - b - 1):.1f}"
+              " s)", file=sys.stderr, flush=True)
+
+    kw = dict(gen_length=gen, block_length=bl, steps=steps, remasking=args.remasking,
+              temperature=args.temperature, mask_id=mask_id, key=jax.random.key(args.seed),
+              max_length=m.config.max_sequence_length, progress=progress)
+    compressed = args.keep_far is not None or args.terminal_mask or args.fold_window is not None
+    if args.block_diffusion:
+        if args.keep_far is not None or args.fold_window is not None:
+            raise ValueError("--block-diffusion takes --terminal-mask, not --keep-far / "
+                             "--fold-window (its KV cache already skips the far masks)")
+        mode = "block_diffusion"
+
+        def run():
+            return generate_block(m.logits_fn, m.params, prompt, terminal_mask=args.terminal_mask,
+                                  **kw), None
+    elif compressed:
+        mode = "elastic"
+
+        def run():
+            return generate_compressed(m.logits_fn, m.params, prompt, keep_far=args.keep_far,
+                                       terminal_mask=args.terminal_mask,
+                                       fold_window=args.fold_window, return_stats=True, **kw)
+    else:
+        mode = "baseline"
+
+        def run():
+            return generate(m.logits_fn, m.params, prompt, **kw), None
+
+    if args.warmup:  # compile (and run) once, then time a second decode
+        run()
+    t_start[0] = time.perf_counter()
+    out, stats = run()
+    out = np.asarray(jax.block_until_ready(out))
+    secs = time.perf_counter() - t_start[0]
+    p = prompt.shape[1]
+    ids = out[0, : p + gen].tolist()  # the prompt and the generation (no terminal [MASK])
+    spb = steps // max(n_blocks, 1)
+    if stats is not None:
+        kept = [int(k) for k in stats["tokens_per_step"]]
+    elif mode == "block_diffusion":
+        kept = [bl + int(args.terminal_mask)] * steps
+    else:
+        kept = [p + gen] * steps
+    text = None
+    if tok is not None:
+        text = tok.decode(ids[p:])
+        print(tok.decode(ids[:p]) + text)
+    return {"model": m.name, "mode": mode, "output_ids": ids, "gen_length": gen,
+            "block_length": bl, "steps": steps, "steps_per_block": spb,
+            "remasking": args.remasking, "mask_id": mask_id, "keep_far": args.keep_far,
+            "terminal_mask": bool(args.terminal_mask), "fold_window": args.fold_window,
+            "seconds": round(secs, 3), "tokens_per_s": round(gen / secs, 2),
+            "includes_compile": not args.warmup, "kept_per_step": kept,
+            "completion": text}
+
+
 def cmd_generate(args) -> dict:
     import jax
 
+    from jaxquant.models import llada
     from jaxquant.models.common.generate import generate
 
     m = _load(args.model)
+    if isinstance(m, llada.LLaDAModel):
+        return cmd_generate_dllm(m, args)
+    if args.prompt is None:
+        raise ValueError("--prompt is required for an autoregressive model")
     tok = m.tokenizer
     ids = np.asarray([tok(args.prompt, add_special_tokens=False)["input_ids"]], np.int32)
     eos = m.config.eos_token_id
@@ -326,14 +437,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="DiT: the noise seed")
     e.set_defaults(fn=cmd_eval)
 
-    g = sub.add_parser("generate", help="generate text with a KV cache")
+    g = sub.add_parser("generate", help="generate text: autoregressive with a KV cache, or "
+                       "masked diffusion for a LLaDA model (Elastic-dLLM compression)")
     g.add_argument("--model", required=True)
-    g.add_argument("--prompt", required=True)
+    pg = g.add_mutually_exclusive_group(required=True)
+    pg.add_argument("--prompt", default=None)
+    pg.add_argument("--prompt-ids", default=None, help="dLLM: comma-separated token ids")
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--gen-length", type=int, default=128, help="dLLM: generated positions")
+    g.add_argument("--block-length", type=int, default=32, help="dLLM: semi-AR block")
+    g.add_argument("--steps", type=int, default=None, help="dLLM: denoising steps "
+                   "(default: gen length, one token per step)")
+    g.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random"))
+    g.add_argument("--mask-id", type=int, default=None,
+                   help="dLLM: [MASK] id (default: the config's mask_token_id)")
+    g.add_argument("--keep-far", type=int, default=None,
+                   help="dLLM: Elastic-dLLM compression, far [MASK]s kept (incl. the last)")
+    g.add_argument("--terminal-mask", action="store_true",
+                   help="dLLM: a protected terminal [MASK] after the generation")
+    g.add_argument("--fold-window", type=int, default=None,
+                   help="dLLM: context folding, at most this many tokens per forward")
+    g.add_argument("--block-diffusion", action="store_true",
+                   help="dLLM: causal across blocks with a KV cache of finished blocks")
+    g.add_argument("--warmup", action="store_true",
+                   help="dLLM: decode once to compile, then time a second decode")
     g.set_defaults(fn=cmd_generate)
 
     q = sub.add_parser("quantize", help="calibrate and quantize a model with a recipe")

@@ -33,7 +33,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxquant.diffusion.masked import check_decode_args, num_transfer_tokens, top_k_mask
+from jaxquant.diffusion.masked import (
+    check_decode_args,
+    num_transfer_tokens,
+    report_block,
+    top_k_mask,
+)
 
 
 def block_ids(prompt_len: int, gen_length: int, block_length: int, terminal: bool) -> jax.Array:
@@ -82,10 +87,11 @@ def _commit(x_blk, logits, key, temperature, k, k_max, *, remasking, use_noise, 
 
 @functools.partial(jax.jit, static_argnames=(
     "model", "gen_length", "block_length", "steps_per_block", "remasking", "mask_id",
-    "use_noise", "use_cache", "terminal_mask"))
+    "use_noise", "use_cache", "terminal_mask", "progress"))
 def _decode_block(model, params, prompt_ids, attention_mask, key, temperature, *,
                   gen_length: int, block_length: int, steps_per_block: int, remasking: str,
-                  mask_id: int, use_noise: bool, use_cache: bool, terminal_mask: bool):
+                  mask_id: int, use_noise: bool, use_cache: bool, terminal_mask: bool,
+                  progress=None):
     b, p = prompt_ids.shape
     n_tail = gen_length + int(terminal_mask)
     length = p + n_tail
@@ -145,6 +151,8 @@ def _decode_block(model, params, prompt_ids, attention_mask, key, temperature, *
 
         (x, key), _ = jax.lax.scan(step_body, (x, key),
                                    jnp.arange(steps_per_block, dtype=jnp.int32))
+        if progress is not None:
+            x = report_block(progress, blk, x)
         if use_cache:  # the finished block, seeing itself and the cache: write its keys/values
             ids = jax.lax.dynamic_slice_in_dim(x, start, block_length, axis=1)
             _, kb, vb = model.cached(params, ids, pos[:, :block_length], ck, cv, cache_valid)
@@ -174,6 +182,7 @@ def generate_block(
     use_cache: bool = True,
     terminal_mask: bool = False,
     max_length: int | None = None,
+    progress=None,
 ):
     """Block-diffusion decoding (causal across blocks, bidirectional within), see the module doc.
 
@@ -186,6 +195,7 @@ def generate_block(
         masked, as the last column.
       max_length: the model's maximum input length (e.g. ``config.max_sequence_length``):
         ``P + gen_length (+ 1)`` above it is refused.
+      progress: a host function called with the block index as each block finishes.
 
     Returns:
       ``[B, P + gen_length (+ 1)]`` int32 ids.
@@ -205,7 +215,8 @@ def generate_block(
                          block_length=int(block_length),
                          steps_per_block=int(steps) // num_blocks, remasking=remasking,
                          mask_id=int(mask_id), use_noise=bool(use_noise),
-                         use_cache=bool(use_cache), terminal_mask=bool(terminal_mask))
+                         use_cache=bool(use_cache), terminal_mask=bool(terminal_mask),
+                         progress=progress)
 
 
 __all__ = ["block_causal_mask", "block_ids", "generate_block"]

@@ -45,6 +45,7 @@ import numpy as np
 from jaxquant.diffusion.masked import (
     check_decode_args,
     num_transfer_tokens,
+    report_block,
     top_k_mask,
 )
 
@@ -151,11 +152,11 @@ def _kept_logits(logits_fn, params, xc, amc, pos, prompt_c, cfg_scale, *, use_cf
 
 @functools.partial(jax.jit, static_argnames=(
     "logits_fn", "keep", "gen_length", "block_length", "steps_per_block", "remasking", "mask_id",
-    "use_noise", "use_cfg", "terminal_mask", "return_steps"))
+    "use_noise", "use_cfg", "terminal_mask", "return_steps", "progress"))
 def _decode_compressed(logits_fn, params, prompt_ids, attention_mask, key, temperature, cfg_scale,
                        *, keep: tuple, gen_length: int, block_length: int, steps_per_block: int,
                        remasking: str, mask_id: int, use_noise: bool, use_cfg: bool,
-                       terminal_mask: bool, return_steps: bool):
+                       terminal_mask: bool, return_steps: bool, progress=None):
     b, p = prompt_ids.shape
     n_tail = gen_length + int(terminal_mask)
     length = p + n_tail
@@ -212,6 +213,8 @@ def _decode_compressed(logits_fn, params, prompt_ids, attention_mask, key, tempe
 
         (x, key), xb = jax.lax.scan(step_body, (x, key),
                                     jnp.arange(steps_per_block, dtype=jnp.int32))
+        if progress is not None:
+            x = report_block(progress, jnp.int32(blk), x)
         xs.append(xb)
     steps_in = jnp.concatenate(xs, axis=0) if return_steps else None
     return x, steps_in
@@ -238,6 +241,7 @@ def generate_compressed(
     fold_window: int | None = None,
     max_length: int | None = None,
     return_stats: bool = False,
+    progress: Callable[[int], None] | None = None,
 ):
     """LLaDA masked-diffusion decoding with Elastic-dLLM [MASK] compression.
 
@@ -263,6 +267,7 @@ def generate_compressed(
         length of each step's forward = the kept set size; with CFG each forward runs it for
         ``2 B`` rows), ``kept`` (per block, the kept position ids), ``full_length`` (the
         uncompressed sequence length) and ``tokens_total`` / ``tokens_full`` (summed over steps).
+      progress: a host function called with the block index as each block finishes.
 
     Returns:
       ``[B, P + gen_length (+ 1 terminal)]`` int32 ids; then, as requested, ``step_inputs
@@ -313,7 +318,7 @@ def generate_compressed(
         gen_length=int(gen_length), block_length=int(block_length),
         steps_per_block=steps_per_block, remasking=remasking, mask_id=int(mask_id),
         use_noise=bool(use_noise), use_cfg=bool(cfg_scale > 0),
-        terminal_mask=bool(terminal_mask), return_steps=bool(return_steps))
+        terminal_mask=bool(terminal_mask), return_steps=bool(return_steps), progress=progress)
     out = [x]
     if return_steps:
         out.append(xs)

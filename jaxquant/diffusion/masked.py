@@ -63,10 +63,10 @@ def _step_logits(logits_fn, params, x, attention_mask, prompt_index, cfg_scale, 
 
 @functools.partial(jax.jit, static_argnames=(
     "logits_fn", "gen_length", "block_length", "steps_per_block", "remasking", "mask_id",
-    "use_noise", "use_cfg", "return_steps"))
+    "use_noise", "use_cfg", "return_steps", "progress"))
 def _decode(logits_fn, params, prompt_ids, attention_mask, key, temperature, cfg_scale, *,
             gen_length: int, block_length: int, steps_per_block: int, remasking: str,
-            mask_id: int, use_noise: bool, use_cfg: bool, return_steps: bool):
+            mask_id: int, use_noise: bool, use_cfg: bool, return_steps: bool, progress=None):
     b, p = prompt_ids.shape
     length = p + gen_length
     x = jnp.concatenate([prompt_ids, jnp.full((b, gen_length), mask_id, prompt_ids.dtype)], 1)
@@ -110,6 +110,8 @@ def _decode(logits_fn, params, prompt_ids, attention_mask, key, temperature, cfg
 
         (x, key), xs = jax.lax.scan(step_body, (x, key),
                                     jnp.arange(steps_per_block, dtype=jnp.int32))
+        if progress is not None:
+            x = report_block(progress, blk, x)
         return (x, key), xs
 
     num_blocks = gen_length // block_length
@@ -117,6 +119,16 @@ def _decode(logits_fn, params, prompt_ids, attention_mask, key, temperature, cfg
     if return_steps:
         xs = xs.reshape(num_blocks * steps_per_block, b, length)
     return x, xs
+
+
+def report_block(progress, blk, x):
+    """Call the host function ``progress(block_index)`` once block ``blk`` is decoded (ordered
+    after the block's steps: the call's result is threaded through ``x``)."""
+    def cb(b, x_host):
+        progress(int(b))
+        return x_host
+
+    return jax.pure_callback(cb, jax.ShapeDtypeStruct(x.shape, x.dtype), blk, x)
 
 
 def check_decode_args(prompt_ids, attention_mask, *, gen_length, block_length, steps,
@@ -165,6 +177,7 @@ def generate(
     key: jax.Array | None = None,
     return_steps: bool = False,
     max_length: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ):
     """LLaDA masked-diffusion decoding.
 
@@ -190,6 +203,8 @@ def generate(
       max_length: the model's maximum input length (``config.max_sequence_length``);
         ``P + gen_length`` above it is refused (Elastic-dLLM context folding,
         ``generate_compressed(fold_window=...)``, decodes such targets).
+      progress: a host function called with the block index as each block finishes (a static
+        argument: pass the same object to reuse the compiled decode).
 
     Returns:
       ``[B, P + gen_length]`` int32 ids: the prompt followed by the generation; with
@@ -211,8 +226,9 @@ def generate(
                     gen_length=int(gen_length), block_length=int(block_length),
                     steps_per_block=int(steps) // num_blocks, remasking=remasking,
                     mask_id=int(mask_id), use_noise=bool(use_noise), use_cfg=bool(cfg_scale > 0),
-                    return_steps=bool(return_steps))
+                    return_steps=bool(return_steps), progress=progress)
     return (x, xs) if return_steps else x
 
 
-__all__ = ["REMASKING", "check_decode_args", "generate", "num_transfer_tokens", "top_k_mask"]
+__all__ = ["REMASKING", "check_decode_args", "generate", "num_transfer_tokens", "report_block",
+           "top_k_mask"]

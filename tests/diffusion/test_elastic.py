@@ -317,7 +317,7 @@ def test_other_bad_keep_sets_are_refused(tiny):
         _call(tiny, keep_sets=[np.append(full, 4), full, full, full])
     with pytest.raises(ValueError, match=r"keep_sets must hold one index set per block \(4"):
         _call(tiny, keep_sets=[full] * 3)
-    with pytest.raises(ValueError, match="keep_far or keep_sets, not both"):
+    with pytest.raises(ValueError, match="give keep_sets, or keep_far / fold_window, not both"):
         _call(tiny, keep_sets=[full] * 4, keep_far=2)
     with pytest.raises(ValueError, match="terminal_mask"):
         _call(tiny, terminal_mask="yes")
