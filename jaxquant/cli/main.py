@@ -227,6 +227,17 @@ def cmd_generate(args) -> dict:
             "new_tokens": len(new), "seconds": round(secs, 2)}
 
 
+def cmd_export(args) -> dict:
+    from jaxquant.export import export
+
+    t0 = time.perf_counter()
+    out = export(args.model, args.format, args.out, dtype=args.dtype)
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
+    print(f"exported {args.model} as {args.format} to {out} ({size / 2**20:.1f} MiB)")
+    return {"model": args.model, "format": args.format, "out": out, "dtype": args.dtype,
+            "bytes": size, "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def cmd_quantize(args) -> dict:
     import resource
 
@@ -466,6 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", action="store_true",
                    help="dLLM: decode once to compile, then time a second decode")
     g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="write a quantized model as compressed-tensors, GPTQ or "
+                       "orbax (what vLLM / transformers load)")
+    x.add_argument("--model", required=True, help="a jaxquant quantized directory")
+    x.add_argument("--format", required=True, choices=("compressed-tensors", "gptq", "orbax"))
+    x.add_argument("--out", required=True)
+    x.add_argument("--dtype", default="float16", choices=("float16", "float32"),
+                   help="dense tensors and (compressed-tensors) scales; GPTQ scales are fp16")
+    x.set_defaults(fn=cmd_export)
 
     q = sub.add_parser("quantize", help="calibrate and quantize a model with a recipe")
     q.add_argument("--model", required=True, help="HF dir, .gguf file, or 'smollm2-135m'")

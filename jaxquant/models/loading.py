@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -69,7 +70,15 @@ class LoadedModel:
 
     @property
     def quantized(self) -> bool:
-        return self.source == "jaxquant"
+        """Whether the params hold quantized kernels (a jaxquant checkpoint or an imported
+        GPTQ / compressed-tensors one)."""
+        if self.source == "jaxquant":
+            return True
+        from jaxquant.core.qarray import QArray
+
+        layers = self.params.get("layers") if isinstance(self.params, dict) else None
+        return any(isinstance(x, QArray) for x in jax.tree.leaves(
+            layers, is_leaf=lambda x: isinstance(x, QArray)))
 
     @property
     def name(self) -> str:
@@ -150,6 +159,10 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> LoadedModel:
         return dit.load_diffusers(path, dtype=dtype)
     if llada.is_llada_dir(path):  # a masked-diffusion LM (config.json with model_type llada)
         return llada.load_llada(path, dtype=dtype)
+    from jaxquant.export.importers import is_hf_quantized_dir, load_hf_quantized
+
+    if os.path.isdir(path) and is_hf_quantized_dir(path):  # GPTQ / compressed-tensors
+        return load_hf_quantized(path)
     src, cfg_dict = open_source(path)
     where = os.path.join(os.fspath(path), "config.json") if os.path.isdir(path) else os.fspath(path)
     cfg = config_from_hf(cfg_dict, source=where)
