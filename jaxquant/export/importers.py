@@ -1,4 +1,4 @@
-"""Import quantized Hugging Face checkpoints (GPTQ v1/v2, compressed-tensors pack-quantized) into
+"""Import quantized Hugging Face checkpoints (GPTQ v1/v2, AWQ GEMM, compressed-tensors pack-quantized) into
 packed :class:`~jaxquant.core.qarray.QArray` kernels without dequantizing: the codes, scales and
 zero points are re-laid into jaxquant's packing, so the model runs through jaxquant's kernels
 and ``Ŵ = S (Q − Z)`` is exactly the checkpoint's.
@@ -88,6 +88,55 @@ def gptq_linear(src, prefix: str, qc: dict, k: int, n: int, where: str) -> QArra
     return _qarray(q, scales, None if sym else z, bits, gs, sym)
 
 
+# AutoAWQ GEMM: 8 int4 codes per int32 along the output axis, output column 8j + AWQ_ORDER[i] in
+# nibble i (so nibble i holds column 8j + AWQ_ORDER[i]); qzeros likewise, stored as is.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _awq_unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    """``[R, n/8]`` int32 AWQ-packed -> ``[R, n]`` uint8 codes in column order."""
+    p = packed.view(np.uint32)
+    out = np.empty((p.shape[0], n), np.uint8)
+    for i, col in enumerate(AWQ_ORDER):
+        out[:, col::8] = (p >> np.uint32(4 * i)) & np.uint32(15)
+    return out
+
+
+def awq_linear(src, prefix: str, qc: dict, k: int, n: int, where: str) -> QArray:
+    """An AutoAWQ GEMM linear (``qweight`` [in, out/8], ``qzeros`` [G, out/8], ``scales``
+    [G, out]) as a QArray."""
+    bits = qc.get("bits", qc.get("w_bit"))
+    if bits != 4:
+        raise QuantizedCheckpointError(f"{where}: quantization_config.bits={bits!r}: AWQ GEMM "
+                                       "checkpoints are 4-bit")
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise QuantizedCheckpointError(f"{where}: quantization_config.version={version!r}: only "
+                                       "the GEMM layout is imported")
+    if not qc.get("zero_point", True):
+        raise QuantizedCheckpointError(f"{where}: quantization_config.zero_point=false is not "
+                                       "imported")
+    gs = qc.get("group_size", qc.get("q_group_size", 128))
+    gs = k if gs in (-1, None) else int(gs)
+    if k % gs or n % 8:
+        raise QuantizedCheckpointError(f"{where}: {prefix}: group_size={gs} must divide in "
+                                       f"{k} and out {n} must be a multiple of 8")
+    g = k // gs
+    qweight = _get(src, f"{prefix}.qweight", where)
+    if qweight.shape != (k, n // 8):
+        raise QuantizedCheckpointError(f"{where}: {prefix}.qweight has shape {qweight.shape}, "
+                                       f"quantization_config.bits=4 implies {(k, n // 8)}")
+    scales = _get(src, f"{prefix}.scales", where).astype(np.float32)
+    if scales.shape != (g, n):
+        raise QuantizedCheckpointError(f"{where}: {prefix}.scales has shape {scales.shape}, "
+                                       f"quantization_config.group_size={gs} implies {(g, n)}")
+    qzeros = _get(src, f"{prefix}.qzeros", where)
+    if qzeros.shape != (g, n // 8):
+        raise QuantizedCheckpointError(f"{where}: {prefix}.qzeros has shape {qzeros.shape}, "
+                                       f"expected {(g, n // 8)}")
+    return _qarray(_awq_unpack(qweight, n), scales, _awq_unpack(qzeros, n), 4, gs, False)
+
+
 def ct_linear(src, prefix: str, w: dict, k: int, n: int, where: str) -> QArray:
     """A compressed-tensors pack-quantized linear as a QArray."""
     bits = w.get("num_bits")
@@ -170,9 +219,9 @@ def load_hf_quantized(path: str | os.PathLike):
         cfg_dict = json.load(f)
     qc = cfg_dict.get("quantization_config") or {}
     method = qc.get("quant_method")
-    if method not in ("gptq", "compressed-tensors"):
+    if method not in ("gptq", "awq", "compressed-tensors"):
         raise QuantizedCheckpointError(f"{where}: quantization_config.quant_method={method!r}: "
-                                       "imported are 'gptq' and 'compressed-tensors'")
+                                       "imported are 'gptq', 'awq' and 'compressed-tensors'")
     if method == "compressed-tensors" and qc.get("quantization_status", "compressed") \
             != "compressed":
         raise QuantizedCheckpointError(f"{where}: quantization_config.quantization_status="
@@ -192,6 +241,8 @@ def load_hf_quantized(path: str | os.PathLike):
                 n, k = shapes[name]
                 if method == "gptq":
                     kern = gptq_linear(src, prefix, qc, k, n, where)
+                elif method == "awq":
+                    kern = awq_linear(src, prefix, qc, k, n, where)
                 else:
                     w = _ct_scheme_for(qc, prefix, where)
                     kern = (ct_linear(src, prefix, w, k, n, where) if w is not None else

@@ -200,3 +200,55 @@ def test_norm_bias_of_d2quant_is_folded_exactly_or_refused(tiny, tmp_path):
                   "jaxquant")
     with pytest.raises(UnsupportedExportError, match="final norm"):
         export(fin, "compressed-tensors", tmp_path / "no")
+
+
+def test_import_of_an_awq_gemm_checkpoint(tiny, tmp_path):
+    """An AutoAWQ GEMM checkpoint built here from the format's description (8 int4 codes per
+    int32 along the output axis, nibble i holding column 8j + [0,2,4,6,1,3,5,7][i]; zeros packed
+    the same way; fp16 scales): the import dequantizes to (q - z) · s exactly and runs."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    m, _ = tiny
+    src = m.path
+    out = tmp_path / "awq"
+    shutil.copytree(src, out)
+    t = load_file(str(out / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    expected = {}
+    for name in [k[:-len(".weight")] for k in t if k.endswith("_proj.weight")]:
+        w = t.pop(f"{name}.weight")  # [out, in]
+        n, k = w.shape
+        g = k // 32
+        q = rng.integers(0, 16, (k, n)).astype(np.uint32)
+        z = rng.integers(0, 16, (g, n)).astype(np.uint32)
+        s = (rng.random((g, n)) * 0.02 + 0.001).astype(np.float16)
+
+        def pack(a):
+            words = np.zeros((a.shape[0], a.shape[1] // 8), np.uint32)
+            for i, col in enumerate(order):
+                words |= a[:, col::8] << np.uint32(4 * i)
+            return words.view(np.int32)
+
+        t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"] = pack(q), pack(z), s
+        gi = np.arange(k) // 32
+        expected[name] = s.astype(np.float32)[gi] * (q.astype(np.float32)
+                                                     - z.astype(np.float32)[gi])
+    save_file(t, str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32,
+                                  "zero_point": True, "version": "gemm"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    got = jaxquant.load(out)
+    for name, want in expected.items():
+        i, g, n = name.split(".")[2:5]
+        kq = layer_params(got.params, int(i))[g][n]["kernel"]
+        assert isinstance(kq, QArray)
+        np.testing.assert_array_equal(np.asarray(dequantize(kq)), want, err_msg=name)
+    assert np.isfinite(np.asarray(got(np.arange(12)[None]))).all()
+    cfg["quantization_config"]["version"] = "gemv"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="version='gemv'"):
+        jaxquant.load(out)
