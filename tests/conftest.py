@@ -18,8 +18,10 @@ import pytest
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_enable_x64", False)
-# No persistent compilation cache: on a clean clone it only adds writes, and two fresh-clone CI
-# runs had an xdist worker segfault inside jax's cache write (compilation_cache.put_executable).
+# No persistent compilation cache, also not the CLI's (in-process `main()` calls and subprocesses
+# inherit this): fresh-clone CI runs had xdist workers segfault inside jax's cache write and read
+# (compilation_cache.put_executable_and_time / get_executable_and_time) of a shared directory.
+os.environ["JAXQUANT_XLA_CACHE"] = ""
 
 
 def _has_backend(name: str) -> bool:

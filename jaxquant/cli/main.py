@@ -399,10 +399,10 @@ def cmd_demo(args) -> dict:
 
 
 def _enable_compilation_cache() -> None:
-    """Reuse compiled XLA programs across CLI runs ($JAXQUANT_CACHE, '' to disable)."""
+    """Reuse compiled XLA programs across CLI runs ($JAXQUANT_XLA_CACHE, '' to disable)."""
     import jax
 
-    d = os.environ.get("JAXQUANT_CACHE", os.path.expanduser("~/.cache/jaxquant/xla"))
+    d = os.environ.get("JAXQUANT_XLA_CACHE", os.path.expanduser("~/.cache/jaxquant/xla"))
     if d:
         jax.config.update("jax_compilation_cache_dir", d)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,7 +1,7 @@
-"""Import quantized Hugging Face checkpoints (GPTQ v1/v2, AWQ GEMM, compressed-tensors pack-quantized) into
-packed :class:`~jaxquant.core.qarray.QArray` kernels without dequantizing: the codes, scales and
-zero points are re-laid into jaxquant's packing, so the model runs through jaxquant's kernels
-and ``Ŵ = S (Q − Z)`` is exactly the checkpoint's.
+"""Import quantized Hugging Face checkpoints (GPTQ v1/v2, AWQ GEMM, compressed-tensors
+pack-quantized) into packed :class:`~jaxquant.core.qarray.QArray` kernels without dequantizing:
+the codes, scales and zero points are re-laid into jaxquant's packing, so the model runs through
+jaxquant's kernels and ``Ŵ = S (Q − Z)`` is exactly the checkpoint's.
 
 Every field is checked against the tensors: bits and group size against ``qweight`` /
 ``weight_packed`` / ``scales`` shapes, ``g_idx`` against contiguous groups, the zero points'

@@ -115,7 +115,7 @@ def saved(tiny, tmp_path_factory):
 def _cli(*args):
     r = subprocess.run([sys.executable, "-m", "jaxquant.cli.main", "generate", *args],
                        capture_output=True, text=True, timeout=600,
-                       env={"JAXQUANT_CACHE": "", **__import__("os").environ})
+                       env={**__import__("os").environ, "JAXQUANT_XLA_CACHE": ""})
     return r
 
 
