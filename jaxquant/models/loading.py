@@ -57,6 +57,8 @@ class LoadedModel:
         """The checkpoint's tokenizer (GGUF: embedded; HF / quantized dir: its tokenizer files)."""
         if isinstance(self.source, GGUFSource):
             return self.source.tokenizer()
+        if os.path.isfile(self.path):  # quantized in memory from a .gguf: its embedded tokenizer
+            return load_tokenizer(self.path)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
