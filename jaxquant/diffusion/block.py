@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from jaxquant.diffusion.masked import (
     check_decode_args,
+    check_length,
     num_transfer_tokens,
     report_block,
     top_k_mask,
@@ -203,11 +204,7 @@ def generate_block(
     prompt_ids, attention_mask, num_blocks, use_noise = check_decode_args(
         prompt_ids, attention_mask, gen_length=gen_length, block_length=block_length,
         steps=steps, remasking=remasking, temperature=temperature, cfg_scale=0.0, key=key)
-    total = prompt_ids.shape[1] + gen_length + int(bool(terminal_mask))
-    if max_length is not None and total > max_length:
-        raise ValueError(f"prompt length {prompt_ids.shape[1]} + gen_length {gen_length}"
-                         f"{' + terminal 1' if terminal_mask else ''} = {total} exceeds the "
-                         f"model's max_sequence_length {max_length}")
+    check_length(prompt_ids.shape[1], gen_length, max_length, terminal=bool(terminal_mask))
     if key is None:
         key = jax.random.key(0)
     return _decode_block(model, params, prompt_ids, attention_mask, key,

@@ -131,6 +131,20 @@ def report_block(progress, blk, x):
     return jax.pure_callback(cb, jax.ShapeDtypeStruct(x.shape, x.dtype), blk, x)
 
 
+def check_length(prompt_len: int, gen_length: int, max_length: int | None, *,
+                 terminal: bool = False) -> None:
+    """Refuse ``P + gen_length`` (+ a terminal [MASK]) above the model's ``max_length`` (None: no
+    limit): whole-sequence decoders see every position at once; context folding
+    (``generate_compressed(fold_window=...)``) is the way past the limit."""
+    total = prompt_len + gen_length + int(terminal)
+    if max_length is not None and total > max_length:
+        raise ValueError(f"gen_length={gen_length}: prompt {prompt_len} + gen_length"
+                         f"{' + terminal 1' if terminal else ''} = {total} tokens exceed the "
+                         f"model's max_sequence_length {max_length}; decode it with "
+                         "jaxquant.diffusion.elastic.generate_compressed(fold_window=...) "
+                         "(context folding)")
+
+
 def check_decode_args(prompt_ids, attention_mask, *, gen_length, block_length, steps,
                       remasking, temperature, cfg_scale, key):
     """Validate the decoding arguments (errors name them); returns ``(prompt_ids,
@@ -213,12 +227,7 @@ def generate(
     prompt_ids, attention_mask, num_blocks, use_noise = check_decode_args(
         prompt_ids, attention_mask, gen_length=gen_length, block_length=block_length,
         steps=steps, remasking=remasking, temperature=temperature, cfg_scale=cfg_scale, key=key)
-    total = prompt_ids.shape[1] + gen_length
-    if max_length is not None and total > max_length:
-        raise ValueError(f"gen_length={gen_length}: prompt {prompt_ids.shape[1]} + gen_length = "
-                         f"{total} tokens exceed the model's max_sequence_length {max_length}; "
-                         "decode it with jaxquant.diffusion.elastic.generate_compressed("
-                         "fold_window=...) (context folding)")
+    check_length(prompt_ids.shape[1], gen_length, max_length)
     if key is None:
         key = jax.random.key(0)  # unused: the decode is deterministic
     x, xs = _decode(logits_fn, params, prompt_ids, attention_mask, key,
@@ -230,5 +239,5 @@ def generate(
     return (x, xs) if return_steps else x
 
 
-__all__ = ["REMASKING", "check_decode_args", "generate", "num_transfer_tokens", "report_block",
-           "top_k_mask"]
+__all__ = ["REMASKING", "check_decode_args", "check_length", "generate", "num_transfer_tokens",
+           "report_block", "top_k_mask"]
