@@ -40,13 +40,7 @@ def export(model, fmt: str, out: str | os.PathLike, *, dtype: str = "float16") -
     else:
         export_gptq(m.config, m.params, out, dtype=dtype)
     try:
-        try:
-            tok = m.tokenizer
-        except Exception:  # a model quantized in memory from a GGUF: read the source's
-            from jaxquant.models.loading import load_tokenizer
-
-            tok = load_tokenizer(m.path)
-        tok.save_pretrained(out)
+        m.tokenizer.save_pretrained(out)  # a GGUF source's embedded tokenizer too
     except Exception as e:  # a tokenizer is a convenience, not the product
         log.warning("no tokenizer saved next to the export: %s", e)
     return out
