@@ -58,7 +58,7 @@ def _calib_data(calib: Any, tokenizer, recipe) -> Any:
 
 def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = "wikitext2",
                    out: str | os.PathLike | None = None, *, resume: bool = False, mesh=None,
-                   progress: bool = True) -> LoadedModel:
+                   model_axis: str | None = None, progress: bool = True) -> LoadedModel:
     """Quantize ``model`` with ``recipe`` and return the quantized model (callable).
 
     Args:
@@ -70,10 +70,16 @@ def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = 
       out: save the quantized model (safetensors + ``jaxquant.json``), its tokenizer and the
         reports (``layers.csv``, ``layers.png``, ``blocks.csv``) there; progress is checkpointed
         after every block, and ``resume=True`` continues an interrupted run.
+      mesh, model_axis: shard the calibration samples over ``mesh``'s ``"data"`` axis and each
+        weight's output columns over ``model_axis`` while it is quantized. Under
+        ``jax.distributed`` the mesh spans every host: all processes call this with the same
+        arguments, each holds its share of the activations, and ``out`` must be a directory
+        they all see (process 0 writes the single-copy files).
 
     The returned model's ``calibration`` attribute holds the engine's
     :class:`~jaxquant.calibration.engine.CalibrationResult` (per-layer errors, per-block phases).
     """
+    from jaxquant.calibration import distributed as D
     from jaxquant.calibration import report
     from jaxquant.calibration.engine import calibrate, clear_progress
     from jaxquant.models.assets import resolve_model_path
@@ -106,21 +112,24 @@ def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = 
     adapter = adapter_for(model if isinstance(model, LoadedModel) else src_path)
     data = _calib_data(calib, tokenizer, rec) if rec.needs_data else None
     res = calibrate(adapter, rec, data, out_dir=out, resume=resume, mesh=mesh,
-                    progress=progress)
+                    model_axis=model_axis, progress=progress)
     qm = LoadedModel(res.config, res.params, os.fspath(out) if out else src_path, "jaxquant",
                      calibration=res)
     if out is not None:
         t0 = time.perf_counter()
         save_quantized(out, res.config, res.params, recipe=rec.to_dict(), source=src_path)
-        try:
-            tokenizer().save_pretrained(out)
-        except Exception as e:  # a tokenizer is a convenience for eval/generate, not the product
-            log.warning("could not save the tokenizer next to the model: %s", e)
-        report.write_csv(res.report, os.path.join(out, "layers.csv"))
-        report.write_phases_csv(res.blocks, os.path.join(out, "blocks.csv"))
-        if res.report:
-            report.plot(res.report, os.path.join(out, "layers.png"), title=rec.name)
-        clear_progress(out)
+        if D.is_writer():  # one copy of the single-copy files in a multi-process job
+            try:
+                tokenizer().save_pretrained(out)
+            except Exception as e:  # a tokenizer is a convenience for eval/generate
+                log.warning("could not save the tokenizer next to the model: %s", e)
+            report.write_csv(res.report, os.path.join(out, "layers.csv"))
+            report.write_phases_csv(res.blocks, os.path.join(out, "blocks.csv"))
+            if res.report:
+                report.plot(res.report, os.path.join(out, "layers.png"), title=rec.name)
+        D.barrier("jaxquant-saved")
+        if D.is_writer():
+            clear_progress(out)
         log.info("saved %s in %.1f s", out, time.perf_counter() - t0)
     return qm
 

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxquant.algorithms import registry
+from jaxquant.calibration import distributed as D
 from jaxquant.calibration import stats as S
 from jaxquant.core.qarray import QArray, dequantize, split_columns
 from jaxquant.models.blockspec import (
@@ -516,9 +517,10 @@ def _clps_stage(recipe, b, spec: BlockSpec, si: int, bp, state, batch):
     return {lin: new for lin in stage.linears}, rep
 
 
-def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None):
+def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None, cols=(None, None)):
     """Quantize the stage's linears (``overrides``: rules replacing the recipe's, e.g. with
-    searched clip ratios); returns ``(bp, state, reports)``."""
+    searched clip ratios; ``cols``: ``(mesh, axis)`` splitting every weight's output columns
+    over devices while its algorithm runs); returns ``(bp, state, reports)``."""
     reports = []
     done: dict[str, tuple[Any, dict, float]] = {}
     rules = {lin: (overrides or {}).get(lin) or _rule_of(recipe, b, lin) for lin in stage.linears}
@@ -532,8 +534,8 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None):
             and (r0.act is None or not r0.act.rotate)):
         t0 = time.perf_counter()
         Ws = [get_path(bp, f"{lin}/kernel") for lin in stage.linears]
-        qa, extras = registry.get(r0.algorithm).quantize(jnp.concatenate(Ws, axis=-1), st,
-                                                         r0.spec, **r0.opts)
+        qa, extras = registry.get(r0.algorithm).quantize(
+            D.shard_columns(jnp.concatenate(Ws, axis=-1), *cols), st, r0.spec, **r0.opts)
         parts = split_columns(qa, [w.shape[-1] for w in Ws])
         secs = (time.perf_counter() - t0) / len(Ws)
         done = {lin: (q, {}, secs) for lin, q in zip(stage.linears, parts, strict=True)}
@@ -555,7 +557,7 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None):
         if lin in done:
             qa, extras, secs = done[lin]
         else:
-            qa, extras = algo.quantize(W, st_l, r.spec, **r.opts)
+            qa, extras = algo.quantize(D.shard_columns(W, *cols), st_l, r.spec, **r.opts)
         W_hat = dequantize(qa, dtype=jnp.float32)
         c = extras.get("producer_scale")
         if c is not None:
@@ -604,6 +606,21 @@ def _save_array(prog_dir, name, arr):
     os.replace(tmp, os.path.join(prog_dir, f"{name}.npy"))
 
 
+def _save_acts(prog_dir, name, X):
+    """The carried activations: one ``.npy`` on one process; on several, an orbax tree whose
+    every shard is written once, by the process that holds it."""
+    if D.is_multi():
+        save_tree(os.path.join(prog_dir, name), {"x": X})
+    else:
+        _save_array(prog_dir, name, X)
+
+
+def _load_acts(prog_dir, name, sharding):
+    if sharding is None:
+        return jnp.asarray(np.load(os.path.join(prog_dir, f"{name}.npy"), allow_pickle=False))
+    return load_tree(os.path.join(prog_dir, name), sharding=sharding)["x"]
+
+
 def _ready(tree):
     return jax.block_until_ready(tree)
 
@@ -617,6 +634,7 @@ def calibrate(
     resume: bool = False,
     mesh: Mesh | None = None,
     data_axis: str = "data",
+    model_axis: str | None = None,
     progress: bool = True,
     on_block_end: Callable[[int, dict], None] | None = None,
     group_weights: dict | None = None,
@@ -628,7 +646,12 @@ def calibrate(
     Args:
       out_dir: where progress is checkpointed after every block (None: no checkpoints).
       resume: continue from ``out_dir``'s progress (refused if model, recipe or data differ).
-      mesh: shard the samples over ``mesh``'s ``data_axis`` (statistics are all-reduced).
+      mesh: shard the samples over ``mesh``'s ``data_axis`` (statistics are all-reduced). In
+        a multi-process job (``jax.distributed``) the mesh spans every process's devices;
+        every process passes the same model, recipe and ``calib`` (refused otherwise) and
+        holds only its share of the activations; ``out_dir`` must be a directory they all see.
+      model_axis: a ``mesh`` axis over which each linear's output columns are split while its
+        algorithm runs (GPTQ, RTN: columns are independent).
       on_block_end: ``callback(block_index, info)`` after every block (tests, logging).
       group_weights: ``{linear path: α [G]}``: that linear's algorithm reads the weighted
         Hessian ``Σ_g α_g H_g`` over the batch's sample groups (``group``, e.g. timesteps:
@@ -660,6 +683,10 @@ def calibrate(
                                        for k, v in group_weights.items()})
                if group_weights else ""),
            "data": fingerprint_data(batch) if batch is not None else "none"}
+    D.check_mesh(mesh)
+    D.agree(fps)  # every process of a multi-process job runs the same job
+    multi = D.is_multi()
+    rep_sh = D.replicated(mesh) if multi else None
 
     blocks: list = []
     reports: list[LayerReport] = []
@@ -676,6 +703,7 @@ def calibrate(
     if out_dir is not None:
         out_dir = os.path.abspath(os.fspath(out_dir))
         prog_dir, state_path = _progress_paths(out_dir)
+        D.check_shared_dir(prog_dir)
         if os.path.isfile(state_path):
             with open(state_path) as f:
                 saved = json.load(f)
@@ -686,20 +714,24 @@ def calibrate(
                         f"{out_dir}: the saved progress was made with a different {label} "
                         f"(fingerprint {saved['fingerprints'].get(key)} != {fps[key]}); refusing "
                         "to resume. Use another --out directory or delete this one.")
+            if saved.get("processes", 1) != jax.process_count():
+                raise ResumeMismatchError(
+                    f"{out_dir}: the saved progress was made by {saved.get('processes', 1)} "
+                    f"process(es), this run has {jax.process_count()}; refusing to resume "
+                    "(the saved activations are sharded for that job)")
             if not resume:
                 raise FileExistsError(
                     f"{out_dir} holds the progress of an earlier run of this job; pass "
                     "resume=True (--resume) to continue it, or choose another directory")
             start = int(saved["next_block"])
             blocks = [load_tree(os.path.join(prog_dir, f"block_{b:04d}")) for b in range(start)]
+            act_sh = NamedSharding(mesh, PartitionSpec(data_axis)) if multi else None
             if data:
-                X = jnp.asarray(np.load(os.path.join(prog_dir, "acts.npy"), allow_pickle=False))
+                X = _load_acts(prog_dir, "acts", act_sh)
             if ref_kind == "fp_prefix":
-                X_ref = jnp.asarray(np.load(os.path.join(prog_dir, "acts_ref.npy"),
-                                            allow_pickle=False))
+                X_ref = _load_acts(prog_dir, "acts_ref", act_sh)
             if final_dac:
-                X_t = jnp.asarray(np.load(os.path.join(prog_dir, "acts_teacher.npy"),
-                                          allow_pickle=False))
+                X_t = _load_acts(prog_dir, "acts_teacher", act_sh)
             reports = [LayerReport(**r) for r in saved["report"]]
             block_reports = [BlockReport(**r) for r in saved.get("blocks", [])]
             log.info("resuming at block %d of %d", start, model.num_blocks)
@@ -718,11 +750,11 @@ def calibrate(
             bs -= 1
         if mesh is not None:
             sh = NamedSharding(mesh, PartitionSpec(data_axis))
-            jbatch = jax.device_put(jbatch, sh)
+            jbatch = {k: D.put(v, sh) for k, v in batch.items() if k != "tokens"}
         if X is None:  # the embedding table is read for this, not held through the loop
             X = model.first_input(batch)
-        if mesh is not None:
-            X = jax.device_put(X, NamedSharding(mesh, PartitionSpec(data_axis)))
+            if mesh is not None:
+                X = D.put(X, NamedSharding(mesh, PartitionSpec(data_axis)))
         if ref_kind == "fp_prefix" and X_ref is None:
             X_ref = jnp.array(X, copy=True)
         if final_dac and X_t is None:
@@ -739,11 +771,11 @@ def calibrate(
     recipe = _WithGroupWeights(recipe, group_weights) if group_weights else recipe
 
     bar = tqdm(range(start, model.num_blocks), desc="calibrate", unit="block",
-               disable=not progress, initial=start, total=model.num_blocks)
+               disable=not progress or not D.is_writer(), initial=start, total=model.num_blocks)
     for b in bar:
         br = BlockReport(b)
         t0 = time.perf_counter()
-        bp = jax.tree.map(jnp.asarray, model.read_block(b))
+        bp = D.put_tree(model.read_block(b), rep_sh)
         br.read = time.perf_counter() - t0
         rep: list[LayerReport] = []
         if not data:
@@ -754,7 +786,8 @@ def calibrate(
             fp_bp = bp
             X_in = X if on_block_end is not None else None
             bp, X, X_ref, rep = _calibrate_block(recipe, b, spec, bp, X, X_ref, jbatch, bs,
-                                                 n_groups, ref_kind, br)
+                                                 n_groups, ref_kind, br,
+                                                 cols=(mesh, model_axis))
             if final_dac:  # the final DAC's teacher: quantized attention + DAC, fp MLP
                 t0 = time.perf_counter()
                 X_t = _ready(block_pass(
@@ -764,24 +797,28 @@ def calibrate(
                 br.passes += 1
                 br.propagation += time.perf_counter() - t0
             del fp_bp
+        bp = D.to_host(bp, mesh)  # multi-process: every process holds the whole block
         blocks.append(bp)
         reports.extend(rep)
         t0 = time.perf_counter()
         if prog_dir is not None:
             save_tree(os.path.join(prog_dir, f"block_{b:04d}"), bp)
             if X is not None:
-                _save_array(prog_dir, "acts", X)
+                _save_acts(prog_dir, "acts", X)
             if ref_kind == "fp_prefix":
-                _save_array(prog_dir, "acts_ref", X_ref)
+                _save_acts(prog_dir, "acts_ref", X_ref)
             if final_dac:
-                _save_array(prog_dir, "acts_teacher", X_t)
+                _save_acts(prog_dir, "acts_teacher", X_t)
         br.checkpoint = time.perf_counter() - t0
         block_reports.append(br)
         if prog_dir is not None:
-            _write_json_atomic(state_path, {
-                "next_block": b + 1, "fingerprints": fps,
-                "report": [dataclasses.asdict(r) for r in reports],
-                "blocks": [dataclasses.asdict(r) for r in block_reports]})
+            D.barrier(f"jaxquant-block-{b}")  # every shard is on disk before the state says so
+            if D.is_writer():
+                _write_json_atomic(state_path, {
+                    "next_block": b + 1, "fingerprints": fps, "processes": jax.process_count(),
+                    "report": [dataclasses.asdict(r) for r in reports],
+                    "blocks": [dataclasses.asdict(r) for r in block_reports]})
+            D.barrier(f"jaxquant-state-{b}")
         if on_block_end is not None:
             on_block_end(b, {"reports": rep, "block": br,
                              "input": X_in if data else None})
@@ -842,7 +879,7 @@ def _quantize_data_free(recipe, b, spec: BlockSpec, bp):
 
 
 def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_groups, ref_kind,
-                     br: BlockReport):
+                     br: BlockReport, cols=(None, None)):
     fp = bp
     state = {spec.stream: X}
     ref_state = None
@@ -903,7 +940,7 @@ def _calibrate_block(recipe, b, spec: BlockSpec, bp, X, X_ref, batch, bs, n_grou
         over, crep = _clps_stage(recipe, b, spec, si, bp, state, batch)
         if crep is not None:
             reports.append(crep)
-        bp, state, rep = _quantize_stage(recipe, b, stage, bp, state, st, over)
+        bp, state, rep = _quantize_stage(recipe, b, stage, bp, state, st, over, cols=cols)
         if inputs_fp:  # the fp stream goes on unchanged (the folds act on the quantized model)
             state = passed
         reports.extend(rep)

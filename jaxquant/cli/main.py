@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 def _load(path: str):
     import jaxquant as jq
@@ -38,6 +40,40 @@ def _data_mesh(n: int):
         raise ValueError(f"--data-parallel {n}: only {len(devs)} devices (on CPU, raise "
                          "--cpu-devices)")
     return Mesh(np.array(devs[:n]), ("data",)) if n > 1 else None
+
+
+def _calib_mesh(args):
+    """The calibration mesh: ``("data", "model")`` over every process's devices for a
+    multi-process job or ``--model-parallel`` > 1 (``model`` within a host), else the 1-D data
+    mesh of ``--data-parallel``."""
+    import jax
+    from jax.sharding import Mesh
+
+    m = int(args.model_parallel)
+    if not args.distributed and m <= 1:
+        return _data_mesh(args.data_parallel), None
+    local = jax.local_device_count()
+    if m < 1 or local % m:
+        raise ValueError(f"--model-parallel {m}: must divide the {local} devices of each host")
+    devs = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devs).reshape(-1, m), ("data", "model")), ("model" if m > 1 else None)
+
+
+def init_distributed(args) -> None:
+    """``jax.distributed.initialize`` for a multi-process job: explicit coordinator flags, or
+    the cluster's own discovery (TPU pod slices, SLURM) when they are absent."""
+    import jax
+
+    kw = {}
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            raise ValueError("--coordinator needs --num-processes and --process-id")
+        kw = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+              "process_id": args.process_id}
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kw)
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def cmd_eval(args) -> dict:
@@ -255,16 +291,20 @@ def cmd_quantize(args) -> dict:
     sizes = {k: v for k, v in (("n_samples", args.n_samples), ("seqlen", args.seqlen)) if v}
     if sizes:
         recipe = recipe.with_calib(**sizes)
-    mesh = _data_mesh(args.data_parallel)
-    qm = jq.quantize_model(path, recipe, args.calib, out=args.out, resume=args.resume, mesh=mesh)
+    mesh, model_axis = _calib_mesh(args)
+    qm = jq.quantize_model(path, recipe, args.calib, out=args.out, resume=args.resume, mesh=mesh,
+                           model_axis=model_axis)
     res = qm.calibration
-    print(report.format_table(res.report))
-    print()
-    print(report.format_phases(res.blocks))
-    if res.unmatched:
-        print(f"  {len(res.unmatched)} linears matched no rule (kept fp)")
-    if res.unused_rules:
-        print(f"  rules matching nothing: {res.unused_rules}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(report.format_table(res.report))
+        print()
+        print(report.format_phases(res.blocks))
+        if res.unmatched:
+            print(f"  {len(res.unmatched)} linears matched no rule (kept fp)")
+        if res.unused_rules:
+            print(f"  rules matching nothing: {res.unused_rules}")
     errs = [r.rel_error for r in res.report]
     phases = {p: round(sum(getattr(b, p) for b in res.blocks), 3) for p in report.PHASES}
     return {"model": os.path.basename(path), "recipe": recipe.name, "out": args.out,
@@ -497,6 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--data-parallel", type=int, default=1,
                    help="shard the statistics pass over this many devices (a 'data' mesh axis)")
+    q.add_argument("--model-parallel", type=int, default=1,
+                   help="split every weight's output columns over this many devices of a host "
+                        "while it is quantized (a 'model' mesh axis)")
+    q.add_argument("--distributed", action="store_true",
+                   help="one job over several processes/hosts (jax.distributed): the samples "
+                        "are sharded over every device of every host; all hosts run this same "
+                        "command, --out must be a directory they all see")
+    q.add_argument("--coordinator", default=None,
+                   help="host:port of process 0 (default: the cluster's own discovery, e.g. "
+                        "on a TPU pod slice)")
+    q.add_argument("--num-processes", type=int, default=None)
+    q.add_argument("--process-id", type=int, default=None)
     q.set_defaults(fn=cmd_quantize)
 
     sm = sub.add_parser("sample", help="class-conditional DDIM samples of a DiT as a PNG grid")
@@ -524,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_cpu_devices(args.cpu_devices)
+    if getattr(args, "distributed", False):
+        init_distributed(args)
     _enable_compilation_cache()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if getattr(args, "windows", None) == 0:

@@ -82,23 +82,31 @@ def abstract_tree(spec: Any) -> Any:
 def save_tree(path: str | os.PathLike, tree: Any) -> None:
     """Save ``tree`` under directory ``path`` (overwriting)."""
     path = os.path.abspath(os.fspath(path))
+    if jax.process_count() > 1:  # host-local arrays (the same on every process) go as numpy
+        tree = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array)
+                            and a.is_fully_addressable else a, tree)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(path, "state"), tree, force=True)
     ckpt.wait_until_finished()
-    tmp = os.path.join(path, TREE_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(tree_spec(tree), f)
-    os.replace(tmp, os.path.join(path, TREE_FILE))
+    if jax.process_index() == 0:  # multi-process: orbax wrote every shard once, one meta file
+        tmp = os.path.join(path, TREE_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(tree_spec(tree), f)
+        os.replace(tmp, os.path.join(path, TREE_FILE))
 
 
-def load_tree(path: str | os.PathLike) -> Any:
-    """Restore a tree saved by :func:`save_tree`."""
+def load_tree(path: str | os.PathLike, *, sharding=None) -> Any:
+    """Restore a tree saved by :func:`save_tree` (host arrays; with ``sharding``, global arrays
+    of that sharding, each process reading only its shards)."""
     path = os.path.abspath(os.fspath(path))
     meta = os.path.join(path, TREE_FILE)
     if not os.path.isfile(meta):
         raise FileNotFoundError(f"{path}: not a jaxquant checkpoint (no {TREE_FILE})")
     with open(meta) as f:
         target = abstract_tree(json.load(f))
+    if sharding is not None:
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                              target)
     return ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
 
 
@@ -136,10 +144,11 @@ def save_quantized(out_dir: str | os.PathLike, config, params, *, recipe: dict,
     save_tree(os.path.join(out_dir, "params"), params)
     meta = {"format": FORMAT, "config": config_to_dict(config), "recipe": recipe,
             "fingerprints": fingerprints or {}, "source": source, **(extra or {})}
-    tmp = os.path.join(out_dir, MODEL_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
+    if jax.process_index() == 0:  # a multi-process job: one writer of the single-copy files
+        tmp = os.path.join(out_dir, MODEL_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
 
 
 def is_quantized_dir(path: str | os.PathLike) -> bool:
