@@ -23,7 +23,7 @@ for m in ("flax", "orbax.checkpoint", "gguf", "safetensors", "yaml", "tqdm", "ja
     except Exception as e:
         print("MISSING", m, type(e).__name__, e)
 PY
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/kernels -m "gpu or not slow" \
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "gpu or not slow" \
   -k "compiled_on_device or jax_triton or equals_reference or equal_the_integer_oracle" 2>&1 | tail -30 | tee "$OUT/tests.txt"
-timeout 220 $PY benchmarks/kernels.py --bits 4,2 --group 128 --json "$OUT/kernels_gpu.json" \
+timeout 220 "$PY" benchmarks/kernels.py --bits 4,2 --group 128 --json "$OUT/kernels_gpu.json" \
   2>&1 | tee "$OUT/kernels_gpu.md"

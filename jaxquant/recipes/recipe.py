@@ -61,7 +61,8 @@ DAC_REFERENCES = REFERENCES
 _CALIB_KEYS = {"n_samples": 32, "seqlen": 512, "batch_size": 4, "seed": 0, "inputs": "quantized"}
 CALIB_INPUTS = ("quantized", "fp")
 _SPEC_KEYS = {f.name for f in dataclasses.fields(QuantSpec)}
-RECIPE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "recipes")
+# configs/recipes, through the package's link to it (so a wheel carries the recipes too)
+RECIPE_DIR = os.path.join(os.path.dirname(__file__), "shipped")
 
 
 class RecipeError(ValueError):
