@@ -70,6 +70,34 @@ class LoadedModel:
         logits, _ = forward(self.config, self.params, jnp.asarray(tokens), **forward_kw)
         return logits
 
+    def generate(self, prompt, max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop_at_eos: bool = True):
+        """Continue ``prompt`` with the KV cache: a string (tokenized with the model's own
+        tokenizer; returns the continuation as a string) or token ids ``[T]`` / ``[B, T]``
+        (returns ids ``[B, max_new_tokens]``). Greedy at ``temperature=0``."""
+        from jaxquant.models.common.generate import generate
+
+        text = isinstance(prompt, str)
+        tok = self.tokenizer if text else None
+        ids = np.asarray(tok(prompt)["input_ids"] if text else prompt, np.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"generate: prompt must be a string or token ids [T] / [B, T], got "
+                             f"shape {ids.shape}")
+        eos = getattr(tok, "eos_token_id", None) if (text and stop_at_eos) else None
+        out = np.asarray(generate(self.config, self.params, jnp.asarray(ids),
+                                  jax.random.key(seed), max_new_tokens=int(max_new_tokens),
+                                  temperature=float(temperature), top_k=top_k, top_p=top_p,
+                                  eos_id=eos))
+        if not text:
+            return out
+        row = out[0].tolist()
+        if eos is not None and eos in row:
+            row = row[:row.index(eos)]
+        return tok.decode(row)
+
     @property
     def quantized(self) -> bool:
         """Whether the params hold quantized kernels (a jaxquant checkpoint or an imported

