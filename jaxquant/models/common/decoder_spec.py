@@ -210,6 +210,9 @@ class DecoderSourceAdapter(_DecoderAdapter):
         return out
 
     def check(self) -> None:
+        from jaxquant.models.common.hf_weights import check_layout
+
+        check_layout(self.config, self.src, self.config.family)
         for name, shape in self._top_tensors().items():
             check_tensor(self.src, name, shape)
 

@@ -56,6 +56,46 @@ def _where(src) -> str:
     return getattr(src, "path", None) or getattr(src, "directory", "checkpoint")
 
 
+def block_tensor_shapes(cfg: DecoderConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor block ``i`` needs (linears, norms, q/k norms, biases)."""
+    p = f"model.layers.{i}."
+    out = {}
+    for group, names in _LINEARS.items():
+        for n in names:
+            out[f"{p}{group}.{n}.weight"] = _linear_shapes(cfg)[n]
+            if cfg.attention_bias and n in ("q_proj", "k_proj", "v_proj"):
+                out[f"{p}{group}.{n}.bias"] = (_linear_shapes(cfg)[n][0],)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[f"{p}{norm}.weight"] = (cfg.hidden_size,)
+    if cfg.qk_norm:
+        for n in ("q_norm", "k_norm"):
+            out[f"{p}self_attn.{n}.weight"] = (cfg.head_dim,)
+    return out
+
+
+def check_layout(cfg: DecoderConfig, src, family: str) -> None:
+    """Every block's tensors are present with the config's shapes (headers only, nothing read):
+    a truncated checkpoint or one of another architecture is refused before a long run starts,
+    naming what is missing and what the checkpoint holds instead."""
+    missing = []
+    for i in range(cfg.num_layers):
+        for name, shape in block_tensor_shapes(cfg, i).items():
+            if name not in src:
+                missing.append(name)
+            else:
+                check_tensor(src, name, shape)
+    if not missing:
+        return
+    names = list(src.keys())
+    if not any(n.startswith("model.layers.") for n in names):
+        raise ValueError(
+            f"{_where(src)}: the config says a {family} model, but the checkpoint's tensors are "
+            f"of another architecture: none is named model.layers.* (it holds e.g. "
+            f"{sorted(names)[:3]}); expected e.g. {missing[0]!r}")
+    raise ValueError(f"{_where(src)}: checkpoint is missing {len(missing)} block tensor(s) the "
+                     f"config implies, e.g. {missing[:3]}")
+
+
 def block_params_from_source(cfg: DecoderConfig, src, i: int, dtype=np.float32) -> dict:
     """Parameters of block ``i`` (unstacked), kernels transposed to ``[in, out]``."""
     p = f"model.layers.{i}."

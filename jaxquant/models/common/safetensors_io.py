@@ -115,7 +115,13 @@ class SafetensorsDir:
             files: dict[str, SafetensorsFile] = {}
             for name, fname in weight_map.items():
                 if fname not in files:
-                    files[fname] = SafetensorsFile(os.path.join(self.directory, fname))
+                    shard = os.path.join(self.directory, fname)
+                    if not os.path.isfile(shard):
+                        held = sum(1 for f in weight_map.values() if f == fname)
+                        raise FileNotFoundError(
+                            f"{index}: shard {fname!r} (holding {held} tensors, e.g. {name!r}) "
+                            f"is missing from {self.directory}")
+                    files[fname] = SafetensorsFile(shard)
                 if name not in files[fname]:
                     raise ValueError(f"{index}: tensor {name!r} is not in shard {fname}")
                 self._where[name] = files[fname]
