@@ -58,7 +58,9 @@ def _calib_data(calib: Any, tokenizer, recipe) -> Any:
 
 def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = "wikitext2",
                    out: str | os.PathLike | None = None, *, resume: bool = False, mesh=None,
-                   model_axis: str | None = None, progress: bool = True) -> LoadedModel:
+                   model_axis: str | None = None, progress: bool = True,
+                   offload: bool = False, act_budget: int | None = None,
+                   disk_budget: int | None = None) -> LoadedModel:
     """Quantize ``model`` with ``recipe`` and return the quantized model (callable).
 
     Args:
@@ -75,6 +77,10 @@ def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = 
         ``jax.distributed`` the mesh spans every host: all processes call this with the same
         arguments, each holds its share of the activations, and ``out`` must be a directory
         they all see (process 0 writes the single-copy files).
+      offload: for a model larger than memory (needs ``out``): no quantized block is held in
+        memory, each goes to ``out`` as it finishes and the saved model is assembled on disk;
+        the returned model then has no params in memory (``jaxquant.load(out)`` reads it).
+      act_budget, disk_budget: bytes; see :func:`jaxquant.calibration.engine.calibrate`.
 
     The returned model's ``calibration`` attribute holds the engine's
     :class:`~jaxquant.calibration.engine.CalibrationResult` (per-layer errors, per-block phases).
@@ -84,10 +90,15 @@ def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = 
     from jaxquant.calibration.engine import calibrate, clear_progress
     from jaxquant.models.assets import resolve_model_path
     from jaxquant.models.loading import adapter_for
-    from jaxquant.models.quantized import save_quantized
+    from jaxquant.models.quantized import save_quantized, save_quantized_blocks
     from jaxquant.recipes import Recipe, load_recipe
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if offload and out is None:
+        raise ValueError("offload=True needs out: the quantized blocks are written there")
+    if (offload or act_budget is not None) and (_is_llada(model) or _as_dit(model) is not None):
+        raise ValueError("offload / act_budget: supported for decoder LLMs (Llama, Qwen); "
+                         "LLaDA and diffusion transformers calibrate in memory")
     if _is_llada(model):
         return _quantize_llada(model, rec, calib, out, resume=resume, mesh=mesh,
                                progress=progress)
@@ -112,12 +123,17 @@ def quantize_model(model: LoadedModel | str | os.PathLike, recipe, calib: Any = 
     adapter = adapter_for(model if isinstance(model, LoadedModel) else src_path)
     data = _calib_data(calib, tokenizer, rec) if rec.needs_data else None
     res = calibrate(adapter, rec, data, out_dir=out, resume=resume, mesh=mesh,
-                    model_axis=model_axis, progress=progress)
+                    model_axis=model_axis, progress=progress, offload=offload,
+                    act_budget=act_budget, disk_budget=disk_budget)
     qm = LoadedModel(res.config, res.params, os.fspath(out) if out else src_path, "jaxquant",
                      calibration=res)
     if out is not None:
         t0 = time.perf_counter()
-        save_quantized(out, res.config, res.params, recipe=rec.to_dict(), source=src_path)
+        if offload:
+            save_quantized_blocks(out, res.config, res.top_parts, res.block_dirs, res.blocks_key,
+                                  recipe=rec.to_dict(), source=src_path)
+        else:
+            save_quantized(out, res.config, res.params, recipe=rec.to_dict(), source=src_path)
         if D.is_writer():  # one copy of the single-copy files in a multi-process job
             try:
                 tokenizer().save_pretrained(out)

@@ -97,6 +97,11 @@ class CalibrationResult:
     unused_rules: list[str]
     resumed_from: int = 0
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
+    # offload=True: ``params`` is None; the quantized blocks are these on-disk trees, the rest
+    # of the model comes from ``top_parts`` ``[(key, load)]`` one entry at a time
+    block_dirs: list[str] | None = None
+    top_parts: list | None = None
+    blocks_key: str | None = None
 
 
 def _last(c, x):
@@ -615,9 +620,13 @@ def _save_acts(prog_dir, name, X):
         _save_array(prog_dir, name, X)
 
 
-def _load_acts(prog_dir, name, sharding):
+def _load_acts(prog_dir, name, sharding, *, mmap: bool = False):
+    """Saved activations: a device array, or with ``mmap`` a read-only memory map of the file
+    (one process); on several processes each reads only its shards."""
     if sharding is None:
-        return jnp.asarray(np.load(os.path.join(prog_dir, f"{name}.npy"), allow_pickle=False))
+        a = np.load(os.path.join(prog_dir, f"{name}.npy"), mmap_mode="r" if mmap else None,
+                    allow_pickle=False)
+        return a if mmap else jnp.asarray(a)
     return load_tree(os.path.join(prog_dir, name), sharding=sharding)["x"]
 
 
@@ -638,6 +647,9 @@ def calibrate(
     progress: bool = True,
     on_block_end: Callable[[int, dict], None] | None = None,
     group_weights: dict | None = None,
+    offload: bool = False,
+    act_budget: int | None = None,
+    disk_budget: int | None = None,
 ) -> CalibrationResult:
     """Quantize ``model`` (a family adapter over a checkpoint or params in memory) with
     ``recipe`` on the calibration data ``calib`` (whatever the family's ``make_batch`` takes:
@@ -656,8 +668,20 @@ def calibrate(
       group_weights: ``{linear path: α [G]}``: that linear's algorithm reads the weighted
         Hessian ``Σ_g α_g H_g`` over the batch's sample groups (``group``, e.g. timesteps:
         AdaTSQ's Fisher-weighted temporal Hessian) instead of ``H``.
+      offload: keep no quantized block in memory: each is written to ``out_dir`` as it
+        finishes (its checkpoint) and the result's ``params`` is None (``block_dirs`` and
+        ``top_parts`` say where the model is; :func:`jaxquant.api.quantize_model` writes it).
+        Peak memory is then one fp block, its statistics, the activations and a fixed
+        overhead, whatever the depth.
+      act_budget: bytes; carried activations larger than this live between blocks in a
+        memory-mapped file in ``out_dir`` (they are the checkpoint too) instead of in memory.
+      disk_budget: bytes ``out_dir`` may use (default: its filesystem's free space); a run
+        whose checkpoints need more is refused before it starts.
     """
     t_start = time.perf_counter()
+    if offload and out_dir is None:
+        raise ValueError("offload=True needs out_dir: the quantized blocks are written there as "
+                         "they finish")
     if recipe.rotation is not None:  # folded into the fp weights as each block is read
         model = RotatedAdapter(model, RotationSpec(**recipe.rotation))
     spec = model.spec
@@ -724,14 +748,15 @@ def calibrate(
                     f"{out_dir} holds the progress of an earlier run of this job; pass "
                     "resume=True (--resume) to continue it, or choose another directory")
             start = int(saved["next_block"])
-            blocks = [load_tree(os.path.join(prog_dir, f"block_{b:04d}")) for b in range(start)]
+            blocks = [None if offload else load_tree(os.path.join(prog_dir, f"block_{b:04d}"))
+                      for b in range(start)]
             act_sh = NamedSharding(mesh, PartitionSpec(data_axis)) if multi else None
-            if data:
-                X = _load_acts(prog_dir, "acts", act_sh)
+            if data:  # memory maps until the activations' size is compared with act_budget
+                X = _load_acts(prog_dir, "acts", act_sh, mmap=not multi)
             if ref_kind == "fp_prefix":
-                X_ref = _load_acts(prog_dir, "acts_ref", act_sh)
+                X_ref = _load_acts(prog_dir, "acts_ref", act_sh, mmap=not multi)
             if final_dac:
-                X_t = _load_acts(prog_dir, "acts_teacher", act_sh)
+                X_t = _load_acts(prog_dir, "acts_teacher", act_sh, mmap=not multi)
             reports = [LayerReport(**r) for r in saved["report"]]
             block_reports = [BlockReport(**r) for r in saved.get("blocks", [])]
             log.info("resuming at block %d of %d", start, model.num_blocks)
@@ -769,6 +794,18 @@ def calibrate(
                 raise ValueError(f"group_weights[{path!r}]: {np.shape(a)} weights for "
                                  f"{n_groups} sample groups")
     recipe = _WithGroupWeights(recipe, group_weights) if group_weights else recipe
+    n_streams = int(X is not None) + int(ref_kind == "fp_prefix") + int(final_dac)
+    act_bytes = n_streams * (int(np.prod(X.shape)) * X.dtype.itemsize if X is not None else 0)
+    spill = act_budget is not None and act_bytes > act_budget and prog_dir is not None
+    if spill and multi:
+        raise ValueError("act_budget: activations spilled to a memory-mapped file are for one "
+                         "process; a multi-process job shards them over the hosts instead")
+    if not spill:  # resumed from files: back in memory (on the mesh when there is one)
+        X, X_ref, X_t = (a if a is None or isinstance(a, jax.Array)
+                         else D.put(np.asarray(a), _act_sharding(mesh, data_axis))
+                         for a in (X, X_ref, X_t))
+    if prog_dir is not None:
+        _check_disk(prog_dir, model, spec, recipe, act_bytes, start, disk_budget)
 
     bar = tqdm(range(start, model.num_blocks), desc="calibrate", unit="block",
                disable=not progress or not D.is_writer(), initial=start, total=model.num_blocks)
@@ -776,6 +813,9 @@ def calibrate(
         br = BlockReport(b)
         t0 = time.perf_counter()
         bp = D.put_tree(model.read_block(b), rep_sh)
+        if spill:  # the carried activations come back from their file for this block
+            X, X_ref, X_t = (None if a is None else D.put(a, _act_sharding(mesh, data_axis))
+                             for a in (X, X_ref, X_t))
         br.read = time.perf_counter() - t0
         rep: list[LayerReport] = []
         if not data:
@@ -798,7 +838,7 @@ def calibrate(
                 br.propagation += time.perf_counter() - t0
             del fp_bp
         bp = D.to_host(bp, mesh)  # multi-process: every process holds the whole block
-        blocks.append(bp)
+        blocks.append(None if offload else bp)
         reports.extend(rep)
         t0 = time.perf_counter()
         if prog_dir is not None:
@@ -809,6 +849,10 @@ def calibrate(
                 _save_acts(prog_dir, "acts_ref", X_ref)
             if final_dac:
                 _save_acts(prog_dir, "acts_teacher", X_t)
+        if spill:  # between blocks the activations live only in their (checkpoint) files
+            X, X_ref, X_t = (None if a is None else _load_acts(prog_dir, name, None, mmap=True)
+                             for a, name in ((X, "acts"), (X_ref, "acts_ref"),
+                                             (X_t, "acts_teacher")))
         br.checkpoint = time.perf_counter() - t0
         block_reports.append(br)
         if prog_dir is not None:
@@ -838,6 +882,13 @@ def calibrate(
         reports.append(LayerReport("final_norm", "dac", None,
                                    float(jnp.sqrt(jnp.mean(mu * mu))), 0.0))
     del X, X_ref, X_t
+    if offload:
+        parts, key = _top_parts(model, final_mu)
+        return CalibrationResult(
+            getattr(model, "config", None), None, reports, time.perf_counter() - t_start,
+            unmatched, unused, start, block_reports,
+            [os.path.join(prog_dir, f"block_{b:04d}") for b in range(model.num_blocks)],
+            parts, key)
     params = model.assemble(blocks)
     del blocks
     if final_mu is not None:
@@ -845,6 +896,63 @@ def calibrate(
     return CalibrationResult(getattr(model, "config", None), params, reports,
                              time.perf_counter() - t_start, unmatched, unused, start,
                              block_reports)
+
+
+def _top_parts(model, final_mu) -> tuple[list, str]:
+    """The params outside the blocks as ``[(key, load)]`` (one table in memory at a time when
+    the family can read them so), with the final DAC bias added to the last norm."""
+    if hasattr(model, "top_parts"):
+        parts, key = model.top_parts()
+    else:  # params in memory, or a rotated model (its tables are rotated together)
+        full = model.assemble([])
+        keys = [k for k, v in full.items() if isinstance(v, list) and not v]
+        if len(keys) != 1:
+            raise ValueError(f"offload: cannot tell the {type(model).__name__} model's blocks "
+                             "apart from its other params")
+        key = keys[0]
+        parts = [(k, (lambda v=v: v)) for k, v in full.items() if k != key]
+    if final_mu is None:
+        return parts, key
+
+    return [(k, _biased(model, k, load, final_mu)) for k, load in parts], key
+
+
+def _biased(model, k, load, mu):
+    """``load`` of top-level entry ``k``, with the final-norm bias added if ``k`` is that norm."""
+    def run():
+        v = load()
+        try:
+            return model.add_final_norm_bias({k: v}, mu)[k]
+        except KeyError:  # not the final norm
+            return v
+    return run
+
+
+def _act_sharding(mesh, data_axis):
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec(data_axis))
+
+
+def _check_disk(prog_dir, model, spec, recipe, act_bytes, start, disk_budget) -> None:
+    """Refuse, before calibrating, a run whose checkpoints (the carried activations, twice
+    while one is replaced, and the quantized blocks) need more than ``disk_budget`` bytes or
+    the free space of ``prog_dir``'s filesystem."""
+    free = shutil.disk_usage(prog_dir).free
+    budget = free if disk_budget is None else min(int(disk_budget), free)
+    # a quantized block: at most its fp32 size (fp linears and norms stay fp32; quantized ones
+    # take bits/32 of it plus scales) -- bounded from the first block's shapes
+    bp = model.read_block(start) if start < model.num_blocks else {}
+    sizes = [int(np.prod(np.shape(a))) for a in jax.tree.leaves(bp)]
+    bits = [r.spec.bits for r in recipe.rules if r.spec is not None] or [32]
+    per_block = sum(sizes) * 4 * min(1.0, max(bits) / 32 + 0.1)
+    need = int(2 * act_bytes + per_block * (model.num_blocks - start))
+    if need > budget:
+        raise ValueError(
+            f"{prog_dir}: this run's checkpoints need about {need} bytes ({need / 2**30:.2f} GiB: "
+            f"activations {act_bytes} bytes, kept twice while replaced, and "
+            f"{model.num_blocks - start} quantized blocks of about {int(per_block)} bytes), but "
+            f"the disk budget is {budget} bytes ({budget / 2**30:.2f} GiB"
+            f"{'' if disk_budget is None else ', disk_budget'}); free space or choose another "
+            "directory")
 
 
 def _quantize_data_free(recipe, b, spec: BlockSpec, bp):

@@ -292,8 +292,12 @@ def cmd_quantize(args) -> dict:
     if sizes:
         recipe = recipe.with_calib(**sizes)
     mesh, model_axis = _calib_mesh(args)
-    qm = jq.quantize_model(path, recipe, args.calib, out=args.out, resume=args.resume, mesh=mesh,
-                           model_axis=model_axis)
+    gb = 2**30
+    qm = jq.quantize_model(
+        path, recipe, args.calib, out=args.out, resume=args.resume, mesh=mesh,
+        model_axis=model_axis, offload=args.offload,
+        act_budget=None if args.act_budget_gb is None else int(args.act_budget_gb * gb),
+        disk_budget=None if args.disk_budget_gb is None else int(args.disk_budget_gb * gb))
     res = qm.calibration
     import jax
 
@@ -540,6 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model-parallel", type=int, default=1,
                    help="split every weight's output columns over this many devices of a host "
                         "while it is quantized (a 'model' mesh axis)")
+    q.add_argument("--offload", action="store_true",
+                   help="for models larger than memory: keep no quantized block in memory, "
+                        "each is written to --out as it finishes")
+    q.add_argument("--act-budget-gb", type=float, default=None,
+                   help="carried activations larger than this live in a memory-mapped file in "
+                        "--out between blocks")
+    q.add_argument("--disk-budget-gb", type=float, default=None,
+                   help="refuse (before calibrating) a run whose checkpoints need more disk")
     q.add_argument("--distributed", action="store_true",
                    help="one job over several processes/hosts (jax.distributed): the samples "
                         "are sharded over every device of every host; all hosts run this same "

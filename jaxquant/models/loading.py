@@ -67,8 +67,14 @@ class LoadedModel:
         """Logits ``[B, T, V]`` (float32) of token ids ``[B, T]`` (see :func:`forward`)."""
         from jaxquant.models.common.decoder import forward
 
+        self._need_params()
         logits, _ = forward(self.config, self.params, jnp.asarray(tokens), **forward_kw)
         return logits
+
+    def _need_params(self):
+        if self.params is None:
+            raise ValueError(f"{self.path}: this model was quantized with offload=True, its "
+                             "parameters are on disk only; load them with jaxquant.load(path)")
 
     def generate(self, prompt, max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -78,6 +84,7 @@ class LoadedModel:
         (returns ids ``[B, max_new_tokens]``). Greedy at ``temperature=0``."""
         from jaxquant.models.common.generate import generate
 
+        self._need_params()
         text = isinstance(prompt, str)
         tok = self.tokenizer if text else None
         ids = np.asarray(tok(prompt)["input_ids"] if text else prompt, np.int32)

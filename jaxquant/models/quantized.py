@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -151,6 +152,56 @@ def save_quantized(out_dir: str | os.PathLike, config, params, *, recipe: dict,
         os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
 
 
+BLOCKS_DIR, TOP_DIR = "blocks", "top"
+
+
+def save_quantized_blocks(out_dir: str | os.PathLike, config, top_parts: list, block_dirs: list,
+                          blocks_key: str, *, recipe: dict, source: str | None = None,
+                          extra: dict | None = None) -> None:
+    """Save a quantized model whose blocks are already on disk (the engine's per-block
+    checkpoints, moved, not copied) and whose other params come one entry at a time
+    (``top_parts``: ``[(key, load)]``): nothing but one table is ever in memory. The layout:
+    ``top/<key>/`` and ``blocks/block_NNNN/`` orbax trees; :func:`load_quantized` assembles."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(os.path.join(out_dir, BLOCKS_DIR), exist_ok=True)
+    for key, load in top_parts:
+        save_tree(os.path.join(out_dir, TOP_DIR, key), load())
+    for b, d in enumerate(block_dirs):
+        dst = os.path.join(out_dir, BLOCKS_DIR, f"block_{b:04d}")
+        if os.path.abspath(d) != dst:
+            if os.path.isdir(dst):
+                shutil.rmtree(dst)
+            os.replace(d, dst)
+    layout = {"blocks_key": blocks_key, "num_blocks": len(block_dirs),
+              "top": [k for k, _ in top_parts],
+              "assemble": "stack" if blocks_key in ("layers", "blocks") else "list"}
+    meta = {"format": FORMAT, "config": config_to_dict(config), "recipe": recipe,
+            "fingerprints": {}, "source": source, "layout": layout, **(extra or {})}
+    if jax.process_index() == 0:
+        tmp = os.path.join(out_dir, MODEL_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
+
+
+def _load_blocked(path: str, layout: dict) -> dict:
+    import ml_dtypes
+
+    from jaxquant.models.common.decoder_spec import stack_or_list
+
+    def up(a):  # the tables were stored in the source's half precision: exact in float32
+        return np.asarray(a, np.float32) if isinstance(a, np.ndarray) and a.dtype in (
+            np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)) else a
+
+    params = {k: jax.tree.map(up, load_tree(os.path.join(path, TOP_DIR, k)))
+              for k in layout["top"]}
+    blocks = [load_tree(os.path.join(path, BLOCKS_DIR, f"block_{b:04d}"))
+              for b in range(int(layout["num_blocks"]))]
+    params[layout["blocks_key"]] = stack_or_list(blocks) if layout["assemble"] == "stack" \
+        else blocks
+    return params
+
+
 def is_quantized_dir(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MODEL_FILE))
 
@@ -166,4 +217,6 @@ def load_quantized(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}/{MODEL_FILE}: unknown format {meta.get('format')!r}, "
                          f"expected {FORMAT!r}")
+    if "layout" in meta:  # written block by block (calibrate(offload=True))
+        return config_from_dict(meta["config"]), _load_blocked(path, meta["layout"]), meta
     return config_from_dict(meta["config"]), load_tree(os.path.join(path, "params")), meta

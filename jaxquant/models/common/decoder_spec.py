@@ -23,6 +23,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxquant.models.blockspec import BlockSpec, Producer, Stage
@@ -223,9 +224,54 @@ class DecoderSourceAdapter(_DecoderAdapter):
         return read_tensor(self.src, _NORM, (self.config.hidden_size,), np.float32)
 
     def first_input(self, batch: dict):
+        tokens = np.asarray(batch["tokens"])
+        if hasattr(self.src, "get_rows"):  # only the rows of the tokens at hand
+            check_tensor(self.src, _EMBED, self._top_tensors()[_EMBED])
+            rows, inv = np.unique(tokens, return_inverse=True)
+            table = np.asarray(self.src.get_rows(_EMBED, rows), np.float32)
+            if not np.all(np.isfinite(table)):
+                raise ValueError(f"{_EMBED}: NaN/Inf in the embedding rows of the calibration "
+                                 "tokens")
+            return jnp.asarray(table)[jnp.asarray(inv.reshape(tokens.shape))]
         table = read_tensor(self.src, _EMBED, self._top_tensors()[_EMBED], np.float32)
-        return embed({"embed_tokens": {"embedding": jnp.asarray(table)}},
-                     jnp.asarray(batch["tokens"]))
+        return embed({"embed_tokens": {"embedding": jnp.asarray(table)}}, jnp.asarray(tokens))
+
+    def top_parts(self) -> tuple[list, str]:
+        """``([(key, load)], blocks key)``: the params outside the blocks, one top-level entry at
+        a time (``load()`` reads it), each tensor in the checkpoint's own float dtype (bf16
+        stays bf16: exact, half of float32; the loader upcasts). Lets a caller write a model
+        whose tables alone exceed its memory budget one table at a time."""
+        sh = self._top_tensors()
+
+        def dtype_of(name):
+            dt = np.dtype(self.src.get_rows(name, [0]).dtype) if hasattr(self.src, "get_rows") \
+                else np.dtype(np.float32)
+            return dt if dt in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16),
+                                np.dtype(np.float16)) else np.dtype(np.float32)
+
+        def rd(name):
+            check_tensor(self.src, name, sh[name])
+            a = np.asarray(self.src.get(name), dtype_of(name))
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"{name}: holds NaN/Inf values")
+            return a
+
+        def head():  # [V, D] -> [D, V], a slab of rows at a time (never two copies)
+            check_tensor(self.src, _HEAD, sh[_HEAD])
+            v, d = sh[_HEAD]
+            if not hasattr(self.src, "get_rows"):
+                return {"kernel": rd(_HEAD).T.copy()}
+            out = np.empty((d, v), dtype_of(_HEAD))
+            for r0 in range(0, v, 8192):
+                rows = np.arange(r0, min(v, r0 + 8192))
+                out[:, r0:r0 + rows.size] = self.src.get_rows(_HEAD, rows).T
+            return {"kernel": out}
+
+        parts = [("embed_tokens", lambda: {"embedding": rd(_EMBED)}),
+                 ("norm", lambda: {"scale": rd(_NORM)})]
+        if _HEAD in sh:
+            parts.append(("lm_head", head))
+        return parts, "layers"
 
     def assemble(self, blocks: list) -> dict:
         t = {n: jnp.asarray(read_tensor(self.src, n, s, np.float32))

@@ -1,9 +1,10 @@
-"""A torch-free, memory-mapped safetensors reader with validating errors.
+"""A torch-free safetensors reader with validating errors, one tensor (or row) at a time.
 
 The format: 8 bytes little-endian header length ``n``, ``n`` bytes of JSON header
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), then the raw
 little-endian tensor bytes. We parse the header ourselves so that bfloat16 and float8 (through
-``ml_dtypes``) work with plain numpy, tensors are memory-mapped (read only when touched), and every
+``ml_dtypes``) work with plain numpy, each tensor is read only when asked for (``get_rows``: only
+some rows of it), and every
 inconsistency raises a ValueError that names the file and the tensor.
 """
 
@@ -26,7 +27,7 @@ _DTYPES = {
 
 
 class SafetensorsFile:
-    """One ``.safetensors`` file: ``keys()``, ``shape(name)``, ``get(name)`` (a read-only memmap)."""
+    """One ``.safetensors`` file: ``keys()``, ``shape(name)``, ``get(name)``, ``get_rows``."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -73,7 +74,6 @@ class SafetensorsFile:
                     f"of {info['dtype']} needs {int(np.prod(shape)) * dtype.itemsize}"
                 )
             self._info[name] = (dtype, shape, begin)
-        self._mm = None
 
     def keys(self) -> list[str]:
         return list(self._info)
@@ -85,15 +85,33 @@ class SafetensorsFile:
         return self._info[name][1]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memory-mapped numpy array."""
+        """The tensor, read from the file into a fresh array. (Not a memory map: pages of a
+        mapping stay resident and count in the process's RSS, so streaming a checkpoint larger
+        than memory block by block would look, and on a loaded host act, like holding it.)"""
         if name not in self._info:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         dtype, shape, begin = self._info[name]
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         count = int(np.prod(shape, dtype=np.int64))
-        start = self._base + begin
-        return self._mm[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
+        a = np.fromfile(self.path, dtype=dtype, count=count, offset=self._base + begin)
+        return a.reshape(shape)
+
+    def get_rows(self, name: str, rows) -> np.ndarray:
+        """Rows ``rows`` of a tensor (an embedding table's, for the tokens at hand), read
+        without the rest of it."""
+        if name not in self._info:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        dtype, shape, begin = self._info[name]
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= shape[0]):
+            raise ValueError(f"{self.path}: {name!r} has {shape[0]} rows; asked for row "
+                             f"{int(rows.max() if rows.max() >= shape[0] else rows.min())}")
+        per = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        out = np.empty((rows.size, *shape[1:]), dtype)
+        with open(self.path, "rb") as f:
+            for i, r in enumerate(rows):
+                f.seek(self._base + begin + int(r) * per)
+                out[i] = np.frombuffer(f.read(per), dtype).reshape(shape[1:])
+        return out
 
 
 class SafetensorsDir:
@@ -149,3 +167,8 @@ class SafetensorsDir:
         if name not in self._where:
             raise KeyError(f"{self.directory}: checkpoint has no tensor {name!r}")
         return self._where[name].get(name)
+
+    def get_rows(self, name: str, rows) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(f"{self.directory}: checkpoint has no tensor {name!r}")
+        return self._where[name].get_rows(name, rows)
