@@ -116,9 +116,9 @@ def main(argv=None) -> dict:
         return [exe, "quantize", "--model", a.model, "--recipe", a.recipe, "--calib", calib,
                 "--n-samples", "8", "--seqlen", "512", "--out", out, "--offload", *extra]
 
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rows = {"recipe": a.recipe, "model": a.model, "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores, "
-                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"}
+            "machine": f"{os.cpu_count()} cores, {mem_gib:.0f} GiB"}
     out = os.path.join(a.work, a.recipe)
     shutil.rmtree(out, ignore_errors=True)
     rc, wall, stdout, etas, samples, killed, err = run(cmd(out), out, stop_after=a.stop_after)
@@ -142,9 +142,9 @@ def main(argv=None) -> dict:
         shutil.rmtree(out_k, ignore_errors=True)
         _, wk, *_ = run(cmd(out_k), out_k, kill_at=a.kill_at)
         rc2, wr, *_ = run(cmd(out_k, "--resume"), out_k)
-        from jaxquant.models.quantized import load_quantized
-
         import jax
+
+        from jaxquant.models.quantized import load_quantized
         pa = jax.tree.leaves(load_quantized(out)[1])
         pb = jax.tree.leaves(load_quantized(out_k)[1])
         same = len(pa) == len(pb) and all(np.array_equal(np.asarray(x), np.asarray(y))
