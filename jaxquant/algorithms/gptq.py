@@ -138,6 +138,9 @@ def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_grou
     W = W[:, perm]
     H = H[perm][:, perm]
     Hinv, lam = _hinv(H, damp, max_damp_tries)
+    # the positive-definiteness check: the Cholesky factor exists (finite) at λ; λ0 is the first
+    # λ tried, so λ > λ0 means H + λ0 I was not positive definite (the dampening was raised)
+    pd, lam0 = jnp.all(jnp.isfinite(Hinv)), damp * jnp.mean(jnp.diag(H))
     if asym:
         cross = cross[perm][:, perm]
         P = alpha * jnp.triu(cross @ Hinv.T, 1) @ Hinv
@@ -244,7 +247,7 @@ def gptq_core(W, H, cross=None, *, spec, blocksize, damp, act_order, static_grou
         Z = Z[:k]
     if spec.per_tensor:
         S, Z = S[:1, :1], Z[:1, :1]
-    return Q, S, Z, {"damp": lam, "dead_inputs": jnp.sum(dead)}
+    return Q, S, Z, {"damp": lam, "damp0": lam0, "dead_inputs": jnp.sum(dead), "pd": pd}
 
 
 def check_weight_and_hessian(w, H, spec: QuantSpec, *, name: str) -> None:

@@ -543,7 +543,8 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None, cols
             D.shard_columns(jnp.concatenate(Ws, axis=-1), *cols), st, r0.spec, **r0.opts)
         parts = split_columns(qa, [w.shape[-1] for w in Ws])
         secs = (time.perf_counter() - t0) / len(Ws)
-        done = {lin: (q, {}, secs) for lin, q in zip(stage.linears, parts, strict=True)}
+        diag = {"diagnostics": extras["diagnostics"]} if "diagnostics" in extras else {}
+        done = {lin: (q, diag, secs) for lin, q in zip(stage.linears, parts, strict=True)}
     for lin in stage.linears:
         r = rules[lin]
         if r is None:
@@ -578,8 +579,28 @@ def _quantize_stage(recipe, b, stage: Stage, bp, state, st, overrides=None, cols
             x = state[stage.input]
             state = dict(state, **{stage.input: x * _last(c, x)})
         secs = time.perf_counter() - t0 if lin not in done else done[lin][2]
-        reports.append(LayerReport(path, r.algorithm, r.spec.bits, err, secs))
+        reports.append(LayerReport(path, r.algorithm, r.spec.bits, err, secs,
+                                   _hessian_check(path, extras.get("diagnostics"))))
     return bp, state, reports
+
+
+def _hessian_check(path: str, diag: dict | None) -> dict | None:
+    """GPTQ-family diagnostics of one linear: its Hessian's positive-definiteness check (the
+    Cholesky factor of ``H + λI``), the dampening ``λ`` used, and a logged warning when the
+    first ``λ`` failed and was raised. None for algorithms without a Hessian inverse."""
+    if not diag or "damp" not in diag:
+        return None
+    lam, lam0 = float(diag["damp"]), float(diag.get("damp0", diag["damp"]))
+    pd = bool(diag.get("pd", True))
+    retries = round(np.log10(lam / lam0)) if lam0 > 0 and lam > lam0 else 0
+    if not pd:
+        raise FloatingPointError(f"{path}: H + λI is not positive definite even at λ = {lam:.3g} "
+                                 "(the dampening retries are exhausted); nothing was written")
+    if retries:
+        log.warning("%s: H + λI was not positive definite at λ = %.3g; dampening raised %d "
+                    "time(s) to λ = %.3g", path, lam0, retries, lam)
+    return {"hessian_pd": pd, "damp": lam, "damp_retries": retries,
+            "dead_inputs": int(diag.get("dead_inputs", 0))}
 
 
 class _WithGroupWeights:

@@ -249,3 +249,31 @@ def test_gptq_of_concatenated_outputs_equals_separate_runs():
         alone, _ = gptq(jnp.asarray(w), H, spec)
         np.testing.assert_allclose(np.asarray(jq.dequantize(part)),
                                    np.asarray(jq.dequantize(alone)), atol=1e-6)
+
+
+def test_an_indefinite_hessian_raises_the_dampening_once_and_is_logged(caplog):
+    """H + λ0 I not positive definite (numpy's Cholesky refuses it), H + 10 λ0 I is: GPTQ's
+    positive-definiteness check fails at λ0, retries at 10 λ0, and the engine logs the retry."""
+    import logging
+
+    from jaxquant.calibration.engine import _hessian_check
+    from jaxquant.core.spec import QuantSpec
+
+    k = 32
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    e = np.linspace(1.0, 2.0, k)
+    e[0] = -0.05
+    H = (Q * e) @ Q.T
+    lam0 = 0.01 * np.mean(np.diag(H))
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(H + lam0 * np.eye(k))
+    np.linalg.cholesky(H + 10 * lam0 * np.eye(k))
+    W = rng.standard_normal((k, 16)).astype(np.float32)
+    _, diag = gptq(jnp.asarray(W), jnp.asarray(H, jnp.float32), QuantSpec(bits=4, group_size=16))
+    np.testing.assert_allclose(float(diag["damp"]), 10 * lam0, rtol=1e-4)
+    assert bool(diag["pd"])
+    with caplog.at_level(logging.WARNING):
+        info = _hessian_check("layers/0/mlp/down_proj", diag)
+    assert info["damp_retries"] == 1 and info["hessian_pd"]
+    assert "not positive definite" in caplog.text and "raised 1 time" in caplog.text

@@ -204,8 +204,10 @@ def test_dispatch_predicates_and_logged_fallback(caplog):
     assert not ok and "prefill" in why  # shape-based: 128 rows go to XLA + cuBLAS
     ok, why = can_use_pallas_gpu(x.astype(jnp.float16), qa, "cuda")
     assert not ok and "float16" in why
+    from jaxquant.kernels import dispatch
     from jaxquant.kernels.dispatch import quant_matmul
 
+    dispatch._logged.clear()  # logged once per process: another test in this worker may have
     with caplog.at_level(logging.INFO, logger="jaxquant.kernels.dispatch"):
         y = quant_matmul(x, qa, platform="cpu")
     assert "XLA dequantize+matmul" in caplog.text and "is not TPU" in caplog.text
