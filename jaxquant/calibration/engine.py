@@ -771,7 +771,7 @@ def calibrate(
             start = int(saved["next_block"])
             blocks = [None if offload else load_tree(os.path.join(prog_dir, f"block_{b:04d}"))
                       for b in range(start)]
-            act_sh = NamedSharding(mesh, PartitionSpec(data_axis)) if multi else None
+            act_sh = _act_sharding(mesh, data_axis) if multi else None
             if data:  # memory maps until the activations' size is compared with act_budget
                 X = _load_acts(prog_dir, "acts", act_sh, mmap=not multi)
             if ref_kind == "fp_prefix":
@@ -795,12 +795,12 @@ def calibrate(
         while n % bs:  # chunks must tile the samples
             bs -= 1
         if mesh is not None:
-            sh = NamedSharding(mesh, PartitionSpec(data_axis))
+            sh = _act_sharding(mesh, data_axis)
             jbatch = {k: D.put(v, sh) for k, v in batch.items() if k != "tokens"}
         if X is None:  # the embedding table is read for this, not held through the loop
             X = model.first_input(batch)
             if mesh is not None:
-                X = D.put(X, NamedSharding(mesh, PartitionSpec(data_axis)))
+                X = D.put(X, _act_sharding(mesh, data_axis))
         if ref_kind == "fp_prefix" and X_ref is None:
             X_ref = jnp.array(X, copy=True)
         if final_dac and X_t is None:
@@ -825,15 +825,19 @@ def calibrate(
         X, X_ref, X_t = (a if a is None or isinstance(a, jax.Array)
                          else D.put(np.asarray(a), _act_sharding(mesh, data_axis))
                          for a in (X, X_ref, X_t))
-    if prog_dir is not None:
-        _check_disk(prog_dir, model, spec, recipe, act_bytes, start, disk_budget)
+    first_bp = None  # the first block to calibrate, read once: its shapes size the disk check
+    if prog_dir is not None and start < model.num_blocks:
+        first_bp = model.read_block(start)
+        _check_disk(prog_dir, model, first_bp, recipe, act_bytes, start, disk_budget)
 
     bar = tqdm(range(start, model.num_blocks), desc="calibrate", unit="block",
                disable=not progress or not D.is_writer(), initial=start, total=model.num_blocks)
     for b in bar:
         br = BlockReport(b)
         t0 = time.perf_counter()
-        bp = D.put_tree(model.read_block(b), rep_sh)
+        bp = D.put_tree(first_bp if b == start and first_bp is not None else model.read_block(b),
+                        rep_sh)
+        first_bp = None
         if spill:  # the carried activations come back from their file for this block
             X, X_ref, X_t = (None if a is None else D.put(a, _act_sharding(mesh, data_axis))
                              for a in (X, X_ref, X_t))
@@ -934,7 +938,6 @@ def _top_parts(model, final_mu) -> tuple[list, str]:
         parts = [(k, (lambda v=v: v)) for k, v in full.items() if k != key]
     if final_mu is None:
         return parts, key
-
     return [(k, _biased(model, k, load, final_mu)) for k, load in parts], key
 
 
@@ -953,15 +956,14 @@ def _act_sharding(mesh, data_axis):
     return None if mesh is None else NamedSharding(mesh, PartitionSpec(data_axis))
 
 
-def _check_disk(prog_dir, model, spec, recipe, act_bytes, start, disk_budget) -> None:
+def _check_disk(prog_dir, model, bp, recipe, act_bytes, start, disk_budget) -> None:
     """Refuse, before calibrating, a run whose checkpoints (the carried activations, twice
     while one is replaced, and the quantized blocks) need more than ``disk_budget`` bytes or
     the free space of ``prog_dir``'s filesystem."""
     free = shutil.disk_usage(prog_dir).free
     budget = free if disk_budget is None else min(int(disk_budget), free)
     # a quantized block: at most its fp32 size (fp linears and norms stay fp32; quantized ones
-    # take bits/32 of it plus scales) -- bounded from the first block's shapes
-    bp = model.read_block(start) if start < model.num_blocks else {}
+    # take bits/32 of it plus scales) -- bounded from the first block's shapes (``bp``)
     sizes = [int(np.prod(np.shape(a))) for a in jax.tree.leaves(bp)]
     bits = [r.spec.bits for r in recipe.rules if r.spec is not None] or [32]
     per_block = sum(sizes) * 4 * min(1.0, max(bits) / 32 + 0.1)

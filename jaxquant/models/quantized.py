@@ -80,6 +80,16 @@ def abstract_tree(spec: Any) -> Any:
     return _sds(spec["__array__"])
 
 
+def _write_meta(path: str, obj, **json_kw) -> None:
+    """Atomically write a JSON file, once: by process 0 of a multi-process job."""
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, **json_kw)
+    os.replace(tmp, path)
+
+
 def save_tree(path: str | os.PathLike, tree: Any) -> None:
     """Save ``tree`` under directory ``path`` (overwriting)."""
     path = os.path.abspath(os.fspath(path))
@@ -89,11 +99,7 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(path, "state"), tree, force=True)
     ckpt.wait_until_finished()
-    if jax.process_index() == 0:  # multi-process: orbax wrote every shard once, one meta file
-        tmp = os.path.join(path, TREE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(tree_spec(tree), f)
-        os.replace(tmp, os.path.join(path, TREE_FILE))
+    _write_meta(os.path.join(path, TREE_FILE), tree_spec(tree))  # orbax wrote every shard once
 
 
 def load_tree(path: str | os.PathLike, *, sharding=None) -> Any:
@@ -145,11 +151,7 @@ def save_quantized(out_dir: str | os.PathLike, config, params, *, recipe: dict,
     save_tree(os.path.join(out_dir, "params"), params)
     meta = {"format": FORMAT, "config": config_to_dict(config), "recipe": recipe,
             "fingerprints": fingerprints or {}, "source": source, **(extra or {})}
-    if jax.process_index() == 0:  # a multi-process job: one writer of the single-copy files
-        tmp = os.path.join(out_dir, MODEL_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
+    _write_meta(os.path.join(out_dir, MODEL_FILE), meta, indent=1)
 
 
 BLOCKS_DIR, TOP_DIR = "blocks", "top"
@@ -177,11 +179,7 @@ def save_quantized_blocks(out_dir: str | os.PathLike, config, top_parts: list, b
               "assemble": "stack" if blocks_key in ("layers", "blocks") else "list"}
     meta = {"format": FORMAT, "config": config_to_dict(config), "recipe": recipe,
             "fingerprints": {}, "source": source, "layout": layout, **(extra or {})}
-    if jax.process_index() == 0:
-        tmp = os.path.join(out_dir, MODEL_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(out_dir, MODEL_FILE))
+    _write_meta(os.path.join(out_dir, MODEL_FILE), meta, indent=1)
 
 
 def _load_blocked(path: str, layout: dict) -> dict:

@@ -250,11 +250,7 @@ class DecoderSourceAdapter(_DecoderAdapter):
                                 np.dtype(np.float16)) else np.dtype(np.float32)
 
         def rd(name):
-            check_tensor(self.src, name, sh[name])
-            a = np.asarray(self.src.get(name), dtype_of(name))
-            if not np.all(np.isfinite(a)):
-                raise ValueError(f"{name}: holds NaN/Inf values")
-            return a
+            return read_tensor(self.src, name, sh[name], dtype_of(name))
 
         def head():  # [V, D] -> [D, V], a slab of rows at a time (never two copies)
             check_tensor(self.src, _HEAD, sh[_HEAD])

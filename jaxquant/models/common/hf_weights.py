@@ -46,8 +46,8 @@ def check_tensor(src, name: str, shape: tuple[int, ...]) -> None:
 
 def read_tensor(src, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     check_tensor(src, name, shape)
-    a = np.asarray(src.get(name)).astype(dtype)
-    if not np.isfinite(a.astype(np.float32)).all():
+    a = np.asarray(src.get(name)).astype(dtype, copy=False)  # get() returns a fresh array
+    if not np.isfinite(a).all():  # in the tensor's own dtype (bf16 too): no float32 copy
         raise ValueError(f"{_where(src)}: tensor {name!r} holds NaN/Inf values")
     return a
 
